@@ -1,0 +1,1 @@
+"""ROS-free numpy core: cloud I/O, geometry, preprocessing, voxelisation."""
