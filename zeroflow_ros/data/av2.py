@@ -12,7 +12,6 @@ Pairs are (sweep t, sweep t+1) of consecutive lidar files of one log; flow conve
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -21,9 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from zeroflow_ros.core.geometry import invert, make_transform, quat_to_matrix, transform_points
-
-# av2.map.map_api.GROUND_HEIGHT_THRESHOLD_M
-GROUND_HEIGHT_THRESHOLD_M = 0.3
+from zeroflow_ros.core.ground import GROUND_HEIGHT_THRESHOLD_M, GroundRaster  # noqa: F401 (public names)
 
 
 class DataError(ValueError):
@@ -43,6 +40,7 @@ def read_feather(path: Path, columns: list[str] | None = None):
 @dataclass
 class FlowLabels:
     """Ground-truth flow of sweep t, one row per point of its lidar file (AV2 convention)."""
+
     flow: np.ndarray              # (N,3) float32, AV2 convention (includes ego motion)
     is_valid: np.ndarray          # (N,) bool
     is_dynamic: np.ndarray        # (N,) bool
@@ -60,39 +58,6 @@ class Pair:
     is_ground0: np.ndarray | None  # (N,) bool, from the map when present
     is_ground1: np.ndarray | None
     gt: FlowLabels | None
-
-
-class GroundRaster:
-    """The map ground-height raster with av2's lookup (truncation, [row=y, col=x], NaN = no ground)."""
-
-    def __init__(self, heights: np.ndarray, img_T_city_R: np.ndarray, img_T_city_t: np.ndarray, scale: float):
-        self.heights = heights.astype(np.float64)
-        self.R = np.asarray(img_T_city_R, dtype=np.float64).reshape(2, 2)
-        self.t = np.asarray(img_T_city_t, dtype=np.float64)
-        self.s = float(scale)
-
-    @classmethod
-    def from_map_dir(cls, map_dir: Path) -> 'GroundRaster | None':
-        npys = sorted(map_dir.glob('*_ground_height_surface____*.npy'))
-        sims = sorted(map_dir.glob('*___img_Sim2_city.json'))
-        if not npys or not sims:
-            return None
-        sim = json.loads(sims[0].read_text())
-        return cls(np.load(npys[0]), sim['R'], sim['t'], sim['s'])
-
-    def height_at(self, xy_city: np.ndarray) -> np.ndarray:
-        img = (self.s * (xy_city[:, :2] @ self.R.T + self.t)).astype(np.int64)
-        h = np.full(len(img), np.nan)
-        ok = (img[:, 1] >= 0) & (img[:, 1] < self.heights.shape[0]) & (img[:, 0] >= 0) & (
-            img[:, 0] < self.heights.shape[1])
-        h[ok] = self.heights[img[ok, 1], img[ok, 0]]
-        return h
-
-    def is_ground(self, points_city: np.ndarray) -> np.ndarray:
-        h = self.height_at(points_city)
-        z = points_city[:, 2]
-        with np.errstate(invalid='ignore'):
-            return (np.abs(z - h) <= GROUND_HEIGHT_THRESHOLD_M) | (z < h)
 
 
 class AV2Log:
@@ -182,7 +147,7 @@ class AV2Log:
 
 
 def list_logs(data_root: Path, split: str) -> list[AV2Log]:
-    """Logs of a split that have lidar sweeps (folders without sensors, e.g. calibration-only, skipped)."""
+    """Return the logs of a split that have lidar sweeps (calibration-only folders skipped)."""
     root = Path(data_root) / split
     if not root.is_dir():
         raise DataError(f'{root}: split folder not found (expected DATA_ROOT/<split>/<log_id>/...)')
