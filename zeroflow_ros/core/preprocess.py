@@ -61,7 +61,15 @@ class PreprocessConfig:
         if unknown:
             raise PreprocessError(f'PreprocessConfig: unknown keys {unknown} (valid: {sorted(valid)})')
         if isinstance(d.get('geometric'), dict):
-            d['geometric'] = GeometricGroundConfig(**d['geometric'])
+            g = dict(d['geometric'])
+            gvalid = set(GeometricGroundConfig.__dataclass_fields__)
+            if set(g) - gvalid:
+                raise PreprocessError(f'PreprocessConfig.geometric: unknown keys {sorted(set(g) - gvalid)} '
+                                      f'(valid: {sorted(gvalid)})')
+            for k in ('ring_edges', 'init_range'):
+                if k in g:
+                    g[k] = tuple(float(v) for v in g[k])
+            d['geometric'] = GeometricGroundConfig(**g)
         return cls(**d)
 
     def to_dict(self) -> dict:
