@@ -1,0 +1,635 @@
+"""ROS 2 node: PointCloud2 in, per-point residual scene flow out (the only module importing rclpy).
+
+Topics (all relative to the node, remappable):
+
+* in  ``~/input/pointcloud`` (sensor_msgs/PointCloud2), keep-last ``input_depth`` (1); reliability
+  ``auto`` follows the publisher's offered QoS (as ``ros2 bag record`` does), or forced.
+* in  ``~/input/odometry`` (nav_msgs/Odometry), only with ``ego_motion: odometry``.
+* out ``~/output/flow`` (PointCloud2: x, y, z, flow_x, flow_y, flow_z, speed float32, is_dynamic
+  uint8) with sweep t's header, published when sweep t+1 arrives; reliable, depth 1.
+* out ``~/output/flow_markers`` (visualization_msgs/Marker LINE_LIST), ``/diagnostics``,
+  ``~/debug/{preprocess,inference,postprocess,total}_ms`` and ``~/debug/pipeline_latency_ms``
+  (std_msgs/Float64, best-effort). ``pipeline_latency_ms`` is node-clock now minus the stamp of the
+  newest sweep (t+1), i.e. the delay the node adds after the sensor delivered the data it needed.
+
+Threading: the subscription callback only stores the newest message (latest wins, an unprocessed
+one is dropped and counted); one worker thread decodes, runs :class:`~zeroflow_ros.pipeline.Pipeline`
+and publishes. Bad input never stops the node: it is logged (throttled), counted by kind in the
+diagnostics, and that sweep produces no output.
+
+Clouds above ``max_points`` are clipped to an evenly strided subset (input order kept) and
+reported (``clipped`` in diagnostics); the flow output then holds the kept points only.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import rclpy
+from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType,
+                                SetParametersResult)
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
+                       qos_profile_sensor_data)
+
+from zeroflow_ros import pipeline as pl
+from zeroflow_ros import visualization as vis
+
+NODE_NAME = 'zeroflow_node'
+RELIABILITIES = ('auto', 'reliable', 'best_effort')
+_DEBUG_TOPICS = ('preprocess', 'inference', 'postprocess', 'total')
+# Bad input that drops a sweep and counts as an error; other resets (gap) are normal operation.
+_ERROR_RESETS = ('frame_id_changed', 'stamp_backwards')
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters: one table, so the YAML file, the launch test and the node agree.
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: Any
+    description: str
+    read_only: bool = True
+    choices: tuple[str, ...] = ()
+    range: tuple[float, float] | None = None
+
+
+PARAMS: tuple[Param, ...] = (
+    Param('input_topic', '~/input/pointcloud', 'PointCloud2 input topic (also remappable)'),
+    Param('odometry_topic', '~/input/odometry', 'nav_msgs/Odometry input topic, used with ego_motion=odometry'),
+    Param('input_reliability', 'auto', 'input QoS reliability; auto follows the publisher (polls until one '
+          'appears, re-checks when it changes)', choices=RELIABILITIES),
+    Param('input_depth', 1, 'input QoS keep-last depth (1: a stale frame is worse than a dropped one)',
+          range=(1, 100)),
+    Param('model', 'models/default', 'model dir (manifest.yaml) / .onnx / .pt / .engine; relative paths '
+          'resolve in the package share dir, then the source tree'),
+    Param('backend', 'auto', 'inference backend', choices=pl.BACKENDS),
+    Param('device', 'auto', 'inference device', choices=pl.DEVICES),
+    Param('precision', 'fp32', 'inference precision (fp16: TensorRT / CUDA only)', choices=pl.PRECISIONS),
+    Param('point_range_m', [-51.2, -51.2, -3.0, 51.2, 51.2, 4.0], 'scored box in the sensor frame '
+          '[x_min, y_min, z_min, x_max, y_max, z_max] (m); the model also ignores points outside its grid'),
+    Param('ground_removal', 'geometric', 'ground removal before the model (geometric: map-less, per-cell)',
+          choices=pl.GROUND_MODES),
+    Param('ego_motion', 'lidar', 'ego motion source: odometry topic, built-in lidar odometry (KISS-ICP), '
+          'or none (static sensor)', choices=pl.EGO_MOTION_SOURCES),
+    Param('sensor_in_base_xyz', [0.0, 0.0, 0.0], 'cloud frame origin in the odometry child frame (m), '
+          'ego_motion=odometry'),
+    Param('sensor_in_base_rpy', [0.0, 0.0, 0.0], 'cloud frame orientation in the odometry child frame '
+          '(roll, pitch, yaw rad), ego_motion=odometry'),
+    Param('odometry_wait_s', 0.05, 'how long to wait for odometry covering a cloud stamp', range=(0.0, 2.0)),
+    Param('max_sweep_gap_s', 0.35, 'a larger gap between sweeps (or a jump backwards) starts a new pair',
+          range=(0.01, 10.0)),
+    Param('max_points', 200000, 'clouds above this are clipped to an evenly strided subset and reported',
+          range=(1, 10_000_000)),
+    Param('dynamic_threshold_mps', 0.5, 'speed (m/s) above which a scored point is dynamic',
+          range=(0.0, 100.0)),
+    Param('publish_markers', True, 'publish ~/output/flow_markers', read_only=False),
+    Param('marker_decimation', 4, 'draw every n-th dynamic point', read_only=False, range=(1, 1000)),
+    Param('marker_max_arrows', 5000, 'upper bound of arrows per marker', read_only=False, range=(1, 100000)),
+    Param('marker_length_scale', 1.0, 'arrow length = scale x flow over one sweep interval', read_only=False,
+          range=(0.01, 100.0)),
+    Param('marker_line_width', 0.05, 'arrow line width (m)', read_only=False, range=(0.001, 5.0)),
+    Param('marker_max_speed_mps', 15.0, 'speed shown red (colour scale top)', read_only=False,
+          range=(0.1, 100.0)),
+    Param('publish_debug', True, 'publish ~/debug/* timing topics', read_only=False),
+    Param('latency_budget_ms', 100.0, 'receive-to-publish latency above this is WARN in diagnostics',
+          read_only=False, range=(1.0, 10000.0)),
+    Param('error_after_s', 5.0, 'over budget or failing for longer than this is ERROR in diagnostics',
+          read_only=False, range=(0.1, 3600.0)),
+    Param('warmup_iterations', 3, 'backend calls on random points at start-up (first frames then run at '
+          'full speed); 0 disables', range=(0, 100)),
+    Param('diagnostics_period_s', 1.0, 'diagnostics publish period', range=(0.05, 60.0)),
+    Param('skip_when_no_subscribers', True, 'skip inference while nobody subscribes to the outputs',
+          read_only=False),
+)
+PARAM_NAMES = tuple(p.name for p in PARAMS)
+
+
+def _descriptor(p: Param) -> ParameterDescriptor:
+    d = ParameterDescriptor(description=p.description, read_only=p.read_only)
+    if p.choices:
+        d.additional_constraints = 'one of: ' + ', '.join(p.choices)
+    if p.range is not None:
+        if isinstance(p.default, bool):
+            pass
+        elif isinstance(p.default, int):
+            d.integer_range = [IntegerRange(from_value=int(p.range[0]), to_value=int(p.range[1]), step=0)]
+        else:
+            d.floating_point_range = [FloatingPointRange(from_value=float(p.range[0]),
+                                                         to_value=float(p.range[1]), step=0.0)]
+    d.type = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
+              float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING,
+              list: ParameterType.PARAMETER_DOUBLE_ARRAY}[type(p.default)]
+    return d
+
+
+def _rpy_matrix(roll: float, pitch: float, yaw: float) -> np.ndarray:
+    cr, sr, cp, sp, cy, sy = (math.cos(roll), math.sin(roll), math.cos(pitch), math.sin(pitch),
+                              math.cos(yaw), math.sin(yaw))
+    rz = np.array([[cy, -sy, 0], [sy, cy, 0], [0, 0, 1.0]])
+    ry = np.array([[cp, 0, sp], [0, 1.0, 0], [-sp, 0, cp]])
+    rx = np.array([[1.0, 0, 0], [0, cr, -sr], [0, sr, cr]])
+    return rz @ ry @ rx
+
+
+def _stamp_ns(stamp: Any) -> int:
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics shared by the callback, the worker and the diagnostics timer
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class NodeStats:
+    received: int = 0
+    processed: int = 0
+    published: int = 0
+    dropped_stale: int = 0
+    skipped_no_subscribers: int = 0
+    clipped: int = 0
+    odometry_received: int = 0
+    errors: collections.Counter = field(default_factory=collections.Counter)
+    resets: collections.Counter = field(default_factory=collections.Counter)
+    latencies_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=200))
+    publish_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=200))
+    receive_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=200))
+    last_total_ms: float = float('nan')
+    last_error: str = ''
+    last_error_time: float = 0.0
+    last_success_time: float = 0.0
+    first_error_since_success: float = 0.0
+    over_budget_since: float = 0.0
+
+    @property
+    def errors_total(self) -> int:
+        return sum(self.errors.values())
+
+
+def _rate(times: collections.deque, now: float, window_s: float = 5.0) -> float:
+    recent = [t for t in times if now - t <= window_s]
+    if len(recent) < 2:
+        return 0.0
+    return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-9)
+
+
+class ZeroFlowNode(Node):
+    """Scene-flow node; see the module docstring for topics and behaviour."""
+
+    def __init__(self, node_name: str = NODE_NAME, *, backend: Any = None, **kwargs: Any):
+        super().__init__(node_name, **kwargs)
+        for p in PARAMS:
+            self.declare_parameter(p.name, p.default, _descriptor(p))
+        self._check_choices()
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        v = {p.name: self.get_parameter(p.name).value for p in PARAMS}
+
+        self.config = pl.PipelineConfig.from_dict(v)
+        self.pipeline = pl.Pipeline(self.config, backend=backend)
+        if v['warmup_iterations'] > 0 and hasattr(self.pipeline.backend, 'warmup'):
+            self.pipeline.backend.warmup(iterations=v['warmup_iterations'])
+        self.stats = NodeStats()
+        self._lock = threading.Lock()
+        self._slot: tuple[Any, float] | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._warn_times: dict[str, float] = {}
+        self._started = time.monotonic()
+
+        base_T_sensor = np.eye(4)
+        base_T_sensor[:3, :3] = _rpy_matrix(*v['sensor_in_base_rpy'])
+        base_T_sensor[:3, 3] = v['sensor_in_base_xyz']
+        self.poses = pl.PoseBuffer(base_T_sensor=base_T_sensor)
+
+        self._flow_pub = self.create_publisher(
+            _msgs().PointCloud2, '~/output/flow',
+            QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST))
+        self._marker_pub = self.create_publisher(
+            _msgs().Marker, '~/output/flow_markers',
+            QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST))
+        self._diag_pub = self.create_publisher(_msgs().DiagnosticArray, '/diagnostics', 10)
+        debug_qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.BEST_EFFORT,
+                               history=HistoryPolicy.KEEP_LAST)
+        self._debug_pubs = {k: self.create_publisher(_msgs().Float64, f'~/debug/{k}_ms', debug_qos)
+                            for k in _DEBUG_TOPICS + ('pipeline_latency',)}
+
+        self.input_topic = self.resolve_topic_name(v['input_topic'])
+        self._sub = None
+        self.reliability: str | None = None  # in use; None until subscribed
+        self._waiting_logged = False
+        if v['input_reliability'] == 'auto':
+            self._qos_timer = self.create_timer(0.5, self._ensure_subscription)
+            self._ensure_subscription()
+        else:
+            self._subscribe(v['input_reliability'])
+        self._odom_sub = None
+        if self.config.ego_motion == 'odometry':
+            self._odom_sub = self.create_subscription(
+                _msgs().Odometry, v['odometry_topic'], self._on_odometry,
+                QoSProfile(depth=50, reliability=ReliabilityPolicy.BEST_EFFORT,
+                           history=HistoryPolicy.KEEP_LAST, durability=DurabilityPolicy.VOLATILE))
+        self._diag_timer = self.create_timer(v['diagnostics_period_s'], self._publish_diagnostics)
+        self._worker = threading.Thread(target=self._work, name='zeroflow_worker', daemon=True)
+        self._worker.start()
+
+        d = self.pipeline.describe()
+        b = d['backend']
+        self._backend_name = str(b.get('backend', b.get('name')))
+        self._backend_device = str(b.get('device'))
+        self.get_logger().info(
+            f"zeroflow_node ready: backend={b.get('backend', b.get('name'))} device={b.get('device')} "
+            f"precision={b.get('precision', self.config.precision)} model={b.get('model', self.config.model)} "
+            f"grid={b.get('grid')} ego_motion={self.config.ego_motion} input={self.input_topic} "
+            f"reliability={v['input_reliability']}")
+
+    # -- parameters --------------------------------------------------------------------------
+    def _check_choices(self) -> None:
+        for p in PARAMS:
+            if p.choices:
+                value = self.get_parameter(p.name).value
+                if value not in p.choices:
+                    raise pl.PipelineError('config', f'parameter {p.name}={value!r}; expected one of {p.choices}')
+
+    def _on_set_parameters(self, params: list) -> SetParametersResult:
+        table = {p.name: p for p in PARAMS}
+        for prm in params:
+            spec = table.get(prm.name)
+            if spec is not None and spec.choices and prm.value not in spec.choices:
+                return SetParametersResult(successful=False,
+                                           reason=f'{prm.name}: expected one of {spec.choices}')
+        return SetParametersResult(successful=True)
+
+    def _p(self, name: str) -> Any:
+        return self.get_parameter(name).value
+
+    # -- input QoS ---------------------------------------------------------------------------
+    def _wanted_reliability(self) -> str | None:
+        infos = self.get_publishers_info_by_topic(self.input_topic)
+        if not infos:
+            return None
+        # One best-effort publisher is enough: a reliable subscription would not match it.
+        if any(i.qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT for i in infos):
+            return 'best_effort'
+        return 'reliable'
+
+    def _ensure_subscription(self) -> None:
+        wanted = self._wanted_reliability()
+        if wanted is None:
+            if self._sub is None and not self._waiting_logged:
+                self.get_logger().info(f'waiting for a publisher on {self.input_topic} (input_reliability=auto)')
+                self._waiting_logged = True
+            return
+        if wanted != self.reliability:
+            if self._sub is not None:
+                self.get_logger().info(f'publisher QoS on {self.input_topic} changed: re-subscribing {wanted}')
+            self._subscribe(wanted)
+
+    def _subscribe(self, reliability: str) -> None:
+        if self._sub is not None:
+            self.destroy_subscription(self._sub)
+        qos = QoSProfile(depth=self._p('input_depth'), history=HistoryPolicy.KEEP_LAST,
+                         durability=DurabilityPolicy.VOLATILE,
+                         reliability=(ReliabilityPolicy.RELIABLE if reliability == 'reliable'
+                                      else ReliabilityPolicy.BEST_EFFORT))
+        self._sub = self.create_subscription(_msgs().PointCloud2, self.input_topic, self._on_cloud, qos)
+        self.reliability = reliability
+
+    # -- callbacks (no maths here) -----------------------------------------------------------
+    def _on_cloud(self, msg: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.stats.received += 1
+            self.stats.receive_times.append(now)
+            if self._slot is not None:
+                self.stats.dropped_stale += 1
+            self._slot = (msg, now)
+        self._wake.set()
+
+    def _on_odometry(self, msg: Any) -> None:
+        p, q = msg.pose.pose.position, msg.pose.pose.orientation
+        try:
+            self.poses.add(_stamp_ns(msg.header.stamp), (p.x, p.y, p.z), (q.w, q.x, q.y, q.z))
+            with self._lock:
+                self.stats.odometry_received += 1
+        except pl.PipelineError as exc:
+            self._count_error(exc.kind, str(exc))
+
+    # -- worker ------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            if not self._wake.wait(0.1):
+                continue
+            with self._lock:
+                item, self._slot = self._slot, None
+                self._wake.clear()
+                self._busy = item is not None
+            if item is not None:
+                self._process(*item)
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """True once no message is waiting (tests and benches)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._slot is None and not self._busy:
+                    return True
+            time.sleep(0.005)
+        return False
+
+    _busy = False
+
+    def _has_subscribers(self) -> bool:
+        return (self._flow_pub.get_subscription_count() > 0
+                or (self._p('publish_markers') and self._marker_pub.get_subscription_count() > 0))
+
+    def _process(self, msg: Any, t_recv: float) -> None:
+        from zeroflow_ros.core import pointcloud2 as pc2
+
+        try:
+            if self._p('skip_when_no_subscribers') and not self._has_subscribers():
+                if self.pipeline.has_previous:
+                    self.pipeline.reset('no_subscribers')
+                with self._lock:
+                    self.stats.skipped_no_subscribers += 1
+                return
+            t0 = time.perf_counter()
+            cloud = pc2.decode(msg)
+            xyz = cloud.xyz
+            keep = pl.clip_indices(len(xyz), self.config.max_points)
+            if keep is not None:
+                with self._lock:
+                    self.stats.clipped += 1
+                self._warn('clipped', f'cloud with {len(xyz)} points clipped to max_points='
+                           f'{self.config.max_points} (evenly strided)')
+                xyz = xyz[keep]
+            stamp_ns = _stamp_ns(msg.header.stamp)
+            pose = None
+            if self.config.ego_motion == 'odometry':
+                pose = self.poses.wait_for(stamp_ns, self._p('odometry_wait_s'))
+            decode_ms = (time.perf_counter() - t0) * 1e3
+            frame = self.pipeline.step(xyz, stamp_ns, pose, frame_id=msg.header.frame_id, tag=msg.header)
+            reason = self.pipeline.last_reset_reason
+            if reason is not None:
+                with self._lock:
+                    self.stats.resets[reason] += 1
+                if reason in _ERROR_RESETS:
+                    self._count_error(reason, f'{reason} at {stamp_ns} ns on {msg.header.frame_id!r}: '
+                                      'sweep starts a new pair, no flow for it')
+            with self._lock:
+                self.stats.processed += 1
+            if frame is None:
+                return
+            self._publish(frame, t0, t_recv, decode_ms, stamp_ns)
+        except (pc2.CloudError, pl.PipelineError) as exc:
+            kind = getattr(exc, 'kind', 'decode')
+            with self._lock:
+                self.stats.processed += 1
+            self._count_error(kind, f'dropped cloud: {exc}')
+        except Exception as exc:  # the node must survive anything a message can trigger
+            with self._lock:
+                self.stats.processed += 1
+            self._count_error('internal', f'internal error on a cloud: {type(exc).__name__}: {exc}')
+            log.debug('internal error', exc_info=True)
+        finally:
+            with self._lock:
+                self._busy = False
+
+    def _publish(self, frame: pl.FlowFrame, t0: float, t_recv: float, decode_ms: float, stamp_ns: int) -> None:
+        from zeroflow_ros.core import pointcloud2 as pc2
+
+        t_post = time.perf_counter()
+        fields = {
+            'flow_x': frame.flow[:, 0], 'flow_y': frame.flow[:, 1], 'flow_z': frame.flow[:, 2],
+            'speed': frame.speed, 'is_dynamic': frame.is_dynamic.astype(np.uint8),
+        }
+        out = pc2.encode(frame.points, fields, header=frame.tag)
+        self._flow_pub.publish(out)
+        if self._p('publish_markers') and self._marker_pub.get_subscription_count() > 0:
+            verts, rgb = vis.arrow_segments(
+                frame.points, frame.flow, frame.speed, frame.is_dynamic,
+                decimation=self._p('marker_decimation'), length_scale=self._p('marker_length_scale'),
+                max_arrows=self._p('marker_max_arrows'), max_speed=self._p('marker_max_speed_mps'))
+            self._marker_pub.publish(vis.flow_marker(frame.tag, verts, rgb, line_width=self._p('marker_line_width')))
+        now = time.monotonic()
+        t_end = time.perf_counter()
+        timings = dict(frame.timings_ms)
+        timings['preprocess'] += decode_ms
+        timings['postprocess'] += (t_end - t_post) * 1e3
+        timings['total'] = (t_end - t0) * 1e3
+        latency_ms = (now - t_recv) * 1e3
+        clock_now = self.get_clock().now().nanoseconds
+        pipeline_latency_ms = (clock_now - stamp_ns) * 1e-6
+        if self._p('publish_debug'):
+            msg_cls = _msgs().Float64
+            for k in _DEBUG_TOPICS:
+                self._debug_pubs[k].publish(msg_cls(data=float(timings[k])))
+            self._debug_pubs['pipeline_latency'].publish(msg_cls(data=float(pipeline_latency_ms)))
+        budget = self._p('latency_budget_ms')
+        with self._lock:
+            s = self.stats
+            s.published += 1
+            s.publish_times.append(now)
+            s.latencies_ms.append(latency_ms)
+            s.last_total_ms = timings['total']
+            s.last_success_time = now
+            s.first_error_since_success = 0.0
+            if latency_ms > budget:
+                s.over_budget_since = s.over_budget_since or now
+            else:
+                s.over_budget_since = 0.0
+        if latency_ms > budget:
+            self._warn('over_budget', f'latency {latency_ms:.1f} ms over budget {budget:.0f} ms '
+                       f'(inference {timings["inference"]:.1f} ms, {len(frame.points)} points)')
+
+    # -- errors, logging ---------------------------------------------------------------------
+    def _count_error(self, kind: str, message: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            s = self.stats
+            s.errors[kind] += 1
+            s.last_error = message
+            s.last_error_time = now
+            if not s.first_error_since_success:
+                s.first_error_since_success = now
+        self._warn(kind, message)
+
+    def _warn(self, key: str, message: str, period_s: float = 5.0) -> None:
+        """One warning per kind per period: a broken stream must not flood the log."""
+        now = time.monotonic()
+        last = self._warn_times.get(key)
+        if last is not None and now - last < period_s:
+            return
+        self._warn_times[key] = now
+        self.get_logger().warning(message)
+
+    # -- diagnostics -------------------------------------------------------------------------
+    def diagnostic_status(self) -> Any:
+        """The node's one DiagnosticStatus (also used by tests)."""
+        m = _msgs()
+        now = time.monotonic()
+        error_after = self._p('error_after_s')
+        budget = self._p('latency_budget_ms')
+        with self._lock:
+            s = self.stats
+            lat = np.array(s.latencies_ms, float) if s.latencies_ms else np.zeros(0)
+            values = {
+                'backend': self._backend_name,
+                'device': self._backend_device,
+                'precision': self.config.precision,
+                'model': self.config.model,
+                'ego_motion': self.config.ego_motion,
+                'input_topic': self.input_topic,
+                'input_reliability': str(self.reliability),
+                'messages_received': s.received,
+                'messages_processed': s.processed,
+                'flows_published': s.published,
+                'dropped_stale': s.dropped_stale,
+                'skipped_no_subscribers': s.skipped_no_subscribers,
+                'clipped': s.clipped,
+                'odometry_received': s.odometry_received,
+                'input_rate_hz': round(_rate(s.receive_times, now), 2),
+                'output_rate_hz': round(_rate(s.publish_times, now), 2),
+                'latency_ms_p50': round(float(np.percentile(lat, 50)), 2) if len(lat) else float('nan'),
+                'latency_ms_p99': round(float(np.percentile(lat, 99)), 2) if len(lat) else float('nan'),
+                'latency_ms_last': round(float(lat[-1]), 2) if len(lat) else float('nan'),
+                'last_total_ms': round(s.last_total_ms, 2),
+                'latency_budget_ms': budget,
+                'errors_total': s.errors_total,
+            }
+            for k, n in sorted(s.errors.items()):
+                values[f'errors.{k}'] = n
+            for k, n in sorted(s.resets.items()):
+                values[f'resets.{k}'] = n
+            failing_for = now - s.first_error_since_success if s.first_error_since_success else 0.0
+            over_for = now - s.over_budget_since if s.over_budget_since else 0.0
+            last_ok = s.last_success_time
+            last_error = s.last_error
+            received = s.received
+            last_err_time = s.last_error_time
+
+        level, message = 0, 'OK'
+        if received == 0:
+            message = 'waiting for first frame'
+        elif failing_for > error_after and last_err_time > last_ok:
+            level, message = 2, f'failing for {failing_for:.1f} s: {last_error}'
+        elif over_for > error_after:
+            level, message = 2, f'over latency budget ({budget:.0f} ms) for {over_for:.1f} s'
+        elif over_for > 0:
+            level, message = 1, f'over latency budget ({budget:.0f} ms)'
+        elif last_err_time > last_ok and now - last_err_time < error_after:
+            level, message = 1, f'recent input error: {last_error}'
+        elif last_ok == 0:
+            message = 'waiting for the second sweep of a pair'
+        st = m.DiagnosticStatus()
+        st.level = bytes([level])
+        st.name = f'{self.get_fully_qualified_name()}: scene flow'
+        st.message = message
+        st.hardware_id = values['backend']
+        st.values = [m.KeyValue(key=k, value=str(v)) for k, v in values.items()]
+        return st
+
+    def _publish_diagnostics(self) -> None:
+        m = _msgs()
+        arr = m.DiagnosticArray()
+        arr.header.stamp = self.get_clock().now().to_msg()
+        arr.status = [self.diagnostic_status()]
+        self._diag_pub.publish(arr)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def destroy_node(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._worker.is_alive():
+            self._worker.join(timeout=5.0)
+        super().destroy_node()
+
+
+class _Msgs:
+    """Message classes, imported once (keeps module import light for the CLI)."""
+
+    def __init__(self) -> None:
+        from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+        from nav_msgs.msg import Odometry
+        from sensor_msgs.msg import PointCloud2
+        from std_msgs.msg import Float64
+        from visualization_msgs.msg import Marker
+        self.DiagnosticArray, self.DiagnosticStatus, self.KeyValue = DiagnosticArray, DiagnosticStatus, KeyValue
+        self.Odometry, self.PointCloud2, self.Float64, self.Marker = Odometry, PointCloud2, Float64, Marker
+
+
+_MSGS: _Msgs | None = None
+
+
+def _msgs() -> _Msgs:
+    global _MSGS
+    if _MSGS is None:
+        _MSGS = _Msgs()
+    return _MSGS
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------
+
+def spin_node(ros_args: list[str]) -> int:
+    """rclpy.init with ``ros_args`` (argv style, without program name), spin until shutdown."""
+    rclpy.init(args=[NODE_NAME] + list(ros_args))
+    node = None
+    try:
+        node = ZeroFlowNode()
+        executor = MultiThreadedExecutor(num_threads=2)
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except pl.PipelineError as exc:
+        logging.getLogger(NODE_NAME).error('zeroflow_node cannot start: %s', exc)
+        return 1
+    finally:
+        if node is not None:
+            node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--params-file', default=None,
+                        help='ROS parameter YAML (default: the declared defaults = config/zeroflow.param.yaml)')
+    parser.epilog = ('ROS arguments pass through unchanged after --ros-args, e.g. '
+                     'zeroflow node --ros-args -r __node:=lidar_flow -r ~/input/pointcloud:=/lidar/points '
+                     '-p backend:=onnxruntime')
+
+
+def run(args: argparse.Namespace) -> int:
+    ros_args = list(getattr(args, 'ros_args', []) or [])
+    if args.params_file:
+        if not os.path.isfile(args.params_file):
+            raise SystemExit(f'zeroflow node: --params-file {args.params_file}: no such file')
+        ros_args = ['--ros-args', '--params-file', args.params_file, '--'] + ros_args
+    return spin_node(ros_args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script ``zeroflow_node`` (what ``ros2 run`` / the launch file start)."""
+    import sys
+    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return spin_node(argv)
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -1,0 +1,448 @@
+"""ROS-free per-frame logic of the scene-flow node.
+
+The node (``zeroflow_ros.node``) only decodes messages, calls :meth:`Pipeline.step` and encodes
+the result; everything that can be tested without DDS lives here:
+
+* pairing of consecutive sweeps (previous sweep kept; a gap above ``max_sweep_gap_s``, a time
+  jump backwards or a change of ``frame_id`` starts a new pair instead of producing flow),
+* ego motion: poses from odometry (:class:`PoseBuffer`, interpolated at the cloud stamps with
+  slerp + lerp), built-in lidar odometry (KISS-ICP, ``core/odometry.py``) or none,
+* pre-processing (range + ground removal, ``core/preprocess.py``) once per sweep,
+* the backend call (``zeroflow_ros.backends``) and the scatter back to every input point.
+
+Output convention: **residual flow** (``core/geometry.py``), in the frame of sweep t, for every
+input point of sweep t in input order; points the model does not score (ground, out of range,
+non-finite) get zero flow, ``valid`` False and ``is_dynamic`` False.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from zeroflow_ros.core import geometry
+
+log = logging.getLogger(__name__)
+
+EGO_MOTION_SOURCES = ('odometry', 'lidar', 'none')
+GROUND_MODES = ('geometric', 'none')
+PRECISIONS = ('fp32', 'fp16')
+BACKENDS = ('auto', 'tensorrt', 'onnxruntime', 'torch')
+DEVICES = ('auto', 'cpu', 'cuda')
+
+
+class PipelineError(ValueError):
+    """Bad input or state for one sweep; ``kind`` is a short counter key for diagnostics."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything the per-frame logic needs, frozen from the node's parameters."""
+
+    model: str = 'models/default'
+    backend: str = 'auto'
+    device: str = 'auto'
+    precision: str = 'fp32'
+    ego_motion: str = 'lidar'
+    ground_removal: str = 'geometric'
+    # (x_min, y_min, z_min, x_max, y_max, z_max) in the sensor frame: the points that are scored
+    point_range_m: tuple[float, ...] = (-51.2, -51.2, -3.0, 51.2, 51.2, 4.0)
+    max_sweep_gap_s: float = 0.35
+    dynamic_threshold_mps: float = 0.5
+    max_points: int = 200_000
+
+    def __post_init__(self) -> None:
+        for name, allowed in (('ego_motion', EGO_MOTION_SOURCES), ('ground_removal', GROUND_MODES),
+                              ('precision', PRECISIONS), ('backend', BACKENDS), ('device', DEVICES)):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise PipelineError('config', f'PipelineConfig.{name}={value!r}; expected one of {allowed}')
+        object.__setattr__(self, 'point_range_m', tuple(float(v) for v in self.point_range_m))
+        r = self.point_range_m
+        checks = (
+            ('point_range_m', len(r) == 6 and r[0] < r[3] and r[1] < r[4] and r[2] < r[5],
+             '6 numbers (x_min, y_min, z_min, x_max, y_max, z_max) with min < max'),
+            ('max_sweep_gap_s', self.max_sweep_gap_s > 0, '> 0'),
+            ('dynamic_threshold_mps', self.dynamic_threshold_mps >= 0, '>= 0'),
+            ('max_points', self.max_points >= 1, '>= 1'),
+        )
+        for name, ok, expected in checks:
+            if not ok:
+                raise PipelineError('config', f'PipelineConfig.{name}={getattr(self, name)!r}; expected {expected}')
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> 'PipelineConfig':
+        """Build from a (parameter) dict, ignoring keys that are not pipeline settings."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+@dataclass
+class FlowFrame:
+    """Flow of sweep t, computed when sweep t+1 arrived."""
+
+    stamp_ns: int                 # stamp of sweep t (the output's stamp)
+    next_stamp_ns: int            # stamp of sweep t+1
+    points: np.ndarray            # (N,3) float32, sweep t as given (its own frame)
+    flow: np.ndarray              # (N,3) float32 residual flow, metres over dt
+    valid: np.ndarray             # (N,) bool, scored by the model
+    speed: np.ndarray             # (N,) float32, |flow| / dt in m/s
+    is_dynamic: np.ndarray        # (N,) bool
+    ego1_T_ego0: np.ndarray       # (4,4) float64
+    timings_ms: dict[str, float]  # preprocess, inference, postprocess, total
+    tag: Any = None               # whatever the caller passed with sweep t (the node: its header)
+
+    @property
+    def dt_s(self) -> float:
+        return (self.next_stamp_ns - self.stamp_ns) * 1e-9
+
+
+# --------------------------------------------------------------------------------------------
+# Poses
+# --------------------------------------------------------------------------------------------
+
+def pose_matrix(position, quaternion_wxyz) -> np.ndarray:
+    """4x4 pose from a position and a (w, x, y, z) quaternion."""
+    return geometry.make_transform(geometry.quat_to_matrix(*quaternion_wxyz), np.asarray(position, float))
+
+
+def slerp(q0: np.ndarray, q1: np.ndarray, a: float) -> np.ndarray:
+    """Spherical interpolation of unit quaternions (w, x, y, z), shortest path."""
+    q0 = np.asarray(q0, float) / np.linalg.norm(q0)
+    q1 = np.asarray(q1, float) / np.linalg.norm(q1)
+    dot = float(np.dot(q0, q1))
+    if dot < 0.0:
+        q1, dot = -q1, -dot
+    if dot > 0.9995:
+        # Nearly identical: lerp avoids dividing by sin(~0).
+        q = q0 + a * (q1 - q0)
+        return q / np.linalg.norm(q)
+    theta = math.acos(min(1.0, dot))
+    s = math.sin(theta)
+    return (math.sin((1 - a) * theta) / s) * q0 + (math.sin(a * theta) / s) * q1
+
+
+class PoseBuffer:
+    """Time-ordered odometry poses, interpolated at arbitrary stamps (thread-safe).
+
+    Poses are ``world_T_base`` (e.g. nav_msgs/Odometry: header.frame_id <- child_frame_id);
+    ``base_T_sensor`` (the cloud frame in the odometry child frame) turns them into
+    ``world_T_sensor`` so ego motion is expressed in the cloud's frame.
+    """
+
+    def __init__(self, max_age_s: float = 10.0, base_T_sensor: np.ndarray | None = None):
+        self._stamps: list[int] = []
+        self._pos: list[np.ndarray] = []
+        self._quat: list[np.ndarray] = []
+        self._max_age_ns = int(max_age_s * 1e9)
+        self._base_T_sensor = np.eye(4) if base_T_sensor is None else np.asarray(base_T_sensor, float)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._stamps)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._stamps.clear()
+            self._pos.clear()
+            self._quat.clear()
+
+    def add(self, stamp_ns: int, position, quaternion_wxyz) -> None:
+        """Insert one pose; a stamp earlier than the newest one (bag loop) clears the buffer."""
+        q = np.asarray(quaternion_wxyz, float)
+        n = np.linalg.norm(q)
+        p = np.asarray(position, float)
+        if not (np.isfinite(n) and n > 1e-9 and np.all(np.isfinite(p))):
+            raise PipelineError('odometry', f'odometry pose at {stamp_ns} ns is not finite / has a zero quaternion')
+        with self._cond:
+            if self._stamps and stamp_ns < self._stamps[-1]:
+                self._stamps.clear()
+                self._pos.clear()
+                self._quat.clear()
+            if self._stamps and stamp_ns == self._stamps[-1]:
+                self._pos[-1], self._quat[-1] = p, q / n
+            else:
+                self._stamps.append(int(stamp_ns))
+                self._pos.append(p)
+                self._quat.append(q / n)
+            cut = bisect.bisect_left(self._stamps, self._stamps[-1] - self._max_age_ns)
+            if cut:
+                del self._stamps[:cut], self._pos[:cut], self._quat[:cut]
+            self._cond.notify_all()
+
+    def interpolate(self, stamp_ns: int) -> np.ndarray | None:
+        """``world_T_sensor`` at ``stamp_ns``, or None when the stamp is outside the buffer."""
+        with self._lock:
+            return self._interpolate_locked(stamp_ns)
+
+    def wait_for(self, stamp_ns: int, timeout_s: float) -> np.ndarray | None:
+        """Like :meth:`interpolate`, waiting up to ``timeout_s`` for odometry to cover the stamp."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                pose = self._interpolate_locked(stamp_ns)
+                left = deadline - time.monotonic()
+                if pose is not None or left <= 0:
+                    return pose
+                if self._stamps and self._stamps[0] > stamp_ns:
+                    return None  # too old: newer odometry will not help
+                self._cond.wait(left)
+
+    def _interpolate_locked(self, stamp_ns: int) -> np.ndarray | None:
+        st = self._stamps
+        if not st or stamp_ns < st[0] or stamp_ns > st[-1]:
+            return None
+        i = bisect.bisect_left(st, stamp_ns)
+        if st[i] == stamp_ns:
+            pos, quat = self._pos[i], self._quat[i]
+        else:
+            a = (stamp_ns - st[i - 1]) / (st[i] - st[i - 1])
+            pos = (1 - a) * self._pos[i - 1] + a * self._pos[i]
+            quat = slerp(self._quat[i - 1], self._quat[i], a)
+        return pose_matrix(pos, quat) @ self._base_T_sensor
+
+
+# --------------------------------------------------------------------------------------------
+# Pipeline
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class _Sweep:
+    points: np.ndarray          # (N,3) float32 as given
+    is_ground: np.ndarray       # (N,) bool, decided once per sweep in its own frame
+    stamp_ns: int
+    world_T_ego: np.ndarray     # (4,4)
+    frame_id: str
+    tag: Any = None
+
+
+@dataclass
+class _Counters:
+    frames: int = 0
+    resets: dict[str, int] = field(default_factory=dict)
+
+
+class Pipeline:
+    """Keeps the previous sweep and turns each new sweep into flow for the previous one.
+
+    ``backend`` may be passed in (already created); otherwise it is created from the config with
+    ``zeroflow_ros.backends.create_backend``. ``lidar_odometry_factory`` builds a fresh
+    KISS-ICP wrapper on every reset (default: ``core.odometry.LidarOdometry``).
+    """
+
+    def __init__(self, config: PipelineConfig, backend: Any = None,
+                 lidar_odometry_factory: Callable[[], Any] | None = None):
+        self.config = config
+        if backend is None:
+            from zeroflow_ros.backends import create_backend
+            backend = create_backend(resolve_model_path(config.model), backend=config.backend, device=config.device,
+                                     precision=config.precision)
+        self.backend = backend
+        self._preprocess_cfg = make_preprocess_config(config)
+        # Ground masks are passed in per sweep; 'auto' uses them (same result as 'geometric'/'none').
+        self._pair_cfg = dataclasses.replace(self._preprocess_cfg, ground='auto')
+        self._odometry_factory = lidar_odometry_factory or _default_lidar_odometry
+        self._odometry: Any = None
+        self._prev: _Sweep | None = None
+        self.last_reset_reason: str | None = None
+        self.counters = _Counters()
+
+    # -- state -------------------------------------------------------------------------------
+    def reset(self, reason: str = 'reset') -> None:
+        """Forget the previous sweep (and the lidar odometry map)."""
+        self._prev = None
+        self._odometry = None
+        self.last_reset_reason = reason
+        self.counters.resets[reason] = self.counters.resets.get(reason, 0) + 1
+
+    @property
+    def has_previous(self) -> bool:
+        return self._prev is not None
+
+    def describe(self) -> dict[str, Any]:
+        try:
+            backend = dict(self.backend.describe())
+        except Exception:  # describe() is informational only
+            backend = {'name': getattr(self.backend, 'name', type(self.backend).__name__)}
+        return {'backend': backend, 'ego_motion': self.config.ego_motion,
+                'ground_removal': self.config.ground_removal, 'max_points': self.config.max_points}
+
+    # -- per frame ---------------------------------------------------------------------------
+    def step(self, points: np.ndarray, stamp_ns: int, pose: np.ndarray | None = None, *,
+             frame_id: str = '', tag: Any = None) -> FlowFrame | None:
+        """Add sweep t+1; return flow of sweep t, or None when there is no valid pair yet.
+
+        ``pose`` is ``world_T_ego`` of this sweep (needed with ``ego_motion='odometry'``, ignored
+        otherwise). A rejected sweep raises :class:`PipelineError` and leaves the previous
+        sweep in place, so the next good sweep still pairs with it (if within the gap).
+        """
+        t_start = time.perf_counter()
+        self.last_reset_reason = None
+        pts = self._check_points(points)
+        stamp_ns = int(stamp_ns)
+        ego_T = self._ego_pose(pts, stamp_ns, pose, frame_id)
+        cur = _Sweep(pts, self._ground(pts), stamp_ns, ego_T, frame_id, tag)
+        prev, self._prev = self._prev, cur
+        if prev is None:
+            return None
+
+        ego1_T_ego0 = geometry.invert(cur.world_T_ego) @ prev.world_T_ego
+        # The same selection as offline prediction (prepare_pair), with each sweep's ground mask
+        # computed once: a sweep is t+1 of one pair and t of the next.
+        prep = self._prepare_pair(prev.points, cur.points, ego1_T_ego0, is_ground0=prev.is_ground,
+                                  is_ground1=cur.is_ground)
+        pc0, pc1, mask0 = prep.pc0, prep.pc1, prep.mask0
+        t_pre = time.perf_counter()
+        if len(pc0) == 0 or len(pc1) == 0:
+            residual = np.zeros((len(pc0), 3), np.float32)
+            valid_k = np.zeros(len(pc0), bool)
+        else:
+            residual, valid_k = self.backend.infer(pc0, pc1)
+        t_inf = time.perf_counter()
+
+        n = len(prev.points)
+        flow = np.zeros((n, 3), np.float32)
+        valid = np.zeros(n, bool)
+        valid_k = np.asarray(valid_k, bool)
+        residual = np.asarray(residual, np.float32)
+        flow[mask0] = np.where(valid_k[:, None], residual, 0.0)
+        valid[mask0] = valid_k
+        dt = (cur.stamp_ns - prev.stamp_ns) * 1e-9
+        speed = (np.linalg.norm(flow, axis=1) / dt).astype(np.float32)
+        is_dynamic = valid & (speed >= self.config.dynamic_threshold_mps)
+        t_end = time.perf_counter()
+        self.counters.frames += 1
+        timings = {
+            'preprocess': (t_pre - t_start) * 1e3,
+            'inference': (t_inf - t_pre) * 1e3,
+            'postprocess': (t_end - t_inf) * 1e3,
+            'total': (t_end - t_start) * 1e3,
+        }
+        return FlowFrame(prev.stamp_ns, cur.stamp_ns, prev.points, flow, valid, speed, is_dynamic,
+                         ego1_T_ego0, timings, prev.tag)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _check_points(self, points: np.ndarray) -> np.ndarray:
+        pts = np.asarray(points)
+        if pts.ndim != 2 or pts.shape[1] != 3:
+            raise PipelineError('shape', f'points: expected an (N, 3) array, got shape {pts.shape}')
+        if len(pts) == 0:
+            raise PipelineError('empty', 'points: empty cloud (0 points); expected at least one finite point')
+        if not np.issubdtype(pts.dtype, np.floating):
+            pts = pts.astype(np.float32)
+        if len(pts) > self.config.max_points:
+            raise PipelineError('too_many_points', f'points: {len(pts)} points; expected at most max_points='
+                                f'{self.config.max_points} (clip before calling step)')
+        finite = np.isfinite(pts).all(axis=1)
+        if not finite.any():
+            raise PipelineError('all_nan', f'points: all {len(pts)} points are NaN/inf; expected finite x, y, z')
+        return np.ascontiguousarray(pts, dtype=np.float32)
+
+    def _ego_pose(self, pts: np.ndarray, stamp_ns: int, pose: np.ndarray | None, frame_id: str) -> np.ndarray:
+        prev = self._prev
+        if prev is not None:
+            gap = (stamp_ns - prev.stamp_ns) * 1e-9
+            if frame_id != prev.frame_id:
+                log.debug('frame_id %r -> %r: new pair', prev.frame_id, frame_id)
+                self.reset('frame_id_changed')
+            elif gap <= 0:
+                self.reset('stamp_backwards')
+            elif gap > self.config.max_sweep_gap_s:
+                self.reset('gap')
+        src = self.config.ego_motion
+        if src == 'none':
+            return np.eye(4)
+        if src == 'odometry':
+            if pose is None:
+                raise PipelineError('no_odometry', f'no odometry pose for the cloud at {stamp_ns} ns '
+                                    '(ego_motion=odometry)')
+            pose = np.asarray(pose, float)
+            if pose.shape != (4, 4) or not np.all(np.isfinite(pose)):
+                raise PipelineError('odometry', f'pose: expected a finite 4x4 matrix, got shape {pose.shape}')
+            return pose
+        if self._odometry is None:
+            self._odometry = self._odometry_factory()
+        finite = np.isfinite(pts).all(axis=1)
+        try:
+            return np.asarray(self._odometry.register(pts[finite].astype(np.float64), stamp_ns), float)
+        except Exception as exc:  # a failed registration must not poison later pairs
+            self.reset('odometry_failed')
+            raise PipelineError('odometry', f'lidar odometry failed at {stamp_ns} ns: {exc}') from exc
+
+    def _ground(self, pts: np.ndarray) -> np.ndarray:
+        from zeroflow_ros.core import preprocess
+        return np.asarray(preprocess.prepare_cloud(pts, self._preprocess_cfg).is_ground, bool)
+
+    def _prepare_pair(self, points0, points1, ego1_T_ego0, is_ground0, is_ground1) -> Any:
+        from zeroflow_ros.core import preprocess
+        try:
+            return preprocess.prepare_pair(points0, points1, ego1_T_ego0, self._pair_cfg,
+                                           is_ground0=is_ground0, is_ground1=is_ground1)
+        except preprocess.PreprocessError as exc:
+            self.reset('bad_ego_motion')
+            raise PipelineError('ego_motion', f'ego motion between sweeps rejected: {exc}') from exc
+
+
+def resolve_model_path(model: str) -> str:
+    """Absolute path of a model given as absolute, cwd-relative or package-relative (``models/default``).
+
+    Package-relative paths resolve in the installed share directory (ament index) first, then in
+    the source tree, so the same parameter works after ``colcon build`` and in a pip checkout.
+    """
+    from pathlib import Path
+
+    p = Path(model).expanduser()
+    if p.is_absolute() or p.exists():
+        return str(p.resolve())
+    candidates = []
+    try:
+        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+        try:
+            candidates.append(Path(get_package_share_directory('zeroflow_ros')) / p)
+        except PackageNotFoundError:
+            pass
+    except ImportError:
+        pass
+    candidates.append(Path(__file__).resolve().parent.parent / p)
+    for c in candidates:
+        if c.exists():
+            return str(c)
+    raise PipelineError('config', f'model {model!r}: not found as a path nor under ' +
+                        ', '.join(str(c) for c in candidates))
+
+
+def clip_indices(n: int, max_points: int) -> np.ndarray | None:
+    """Evenly strided indices of at most ``max_points`` of ``n`` points, or None if no clipping is needed.
+
+    A spinning lidar writes points in azimuth order, so a stride keeps the whole field of view
+    (taking the first ``max_points`` would blank a sector). Indices are increasing: input order is kept.
+    """
+    if n <= max_points:
+        return None
+    return np.floor(np.arange(max_points) * (n / max_points)).astype(np.int64)
+
+
+def _default_lidar_odometry() -> Any:
+    from zeroflow_ros.core.odometry import LidarOdometry
+    return LidarOdometry()
+
+
+def make_preprocess_config(config: PipelineConfig) -> Any:
+    """The ``core.preprocess`` settings of the node: range box and ground mode from the config."""
+    from zeroflow_ros.core import preprocess
+    x0, y0, z0, x1, y1, z1 = config.point_range_m
+    return preprocess.PreprocessConfig(x_min=x0, x_max=x1, y_min=y0, y_max=y1, z_min=z0, z_max=z1,
+                                       ground=config.ground_removal)
