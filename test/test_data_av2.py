@@ -7,7 +7,8 @@ import pyarrow as pa
 import pyarrow.feather as feather
 import pytest
 
-from zeroflow_ros.core.geometry import invert, make_transform, quat_to_matrix, transform_points, yaw_transform
+from zeroflow_ros.core.geometry import (invert, make_transform, matrix_to_quat, quat_to_matrix,
+                                        transform_points, yaw_transform)
 from zeroflow_ros.data import av2 as zav2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +124,8 @@ def test_annotation_flow_matches_av2_scene_flow_dataloader(tmp_path):
     np.testing.assert_array_equal(p.is_ground0, s0.is_ground.numpy())
     # The edits show up: the vanished track is invalid, the moved one dynamic by ~1.5 m.
     assert 0 < np.count_nonzero(~gt.is_valid) < len(gt.is_valid)
-    dyn = np.linalg.norm(gt.flow - (transform_points(p.ego1_T_ego0, p.points0.astype(float)) - p.points0), axis=1)
+    rigid = transform_points(p.ego1_T_ego0, p.points0.astype(float)) - p.points0
+    dyn = np.linalg.norm(gt.flow - rigid, axis=1)
     assert np.count_nonzero(np.abs(dyn - 1.5) < 0.05) > 50
 
 
@@ -138,12 +140,12 @@ def test_scene_flow_file_wins_and_is_checked(tmp_path):
     T0, T1 = yaw_transform(0.0), yaw_transform(0.1, (1.0, 0.5, 0.0))
     rows = []
     for ts, T in ((1000, T0), (2000, T1)):
-        from zeroflow_ros.core.geometry import matrix_to_quat
         q = matrix_to_quat(T[:3, :3])
         rows.append([ts, *q, *T[:3, 3]])
     rows = np.array(rows)
-    feather.write_feather(pa.table({c: (rows[:, i].astype(np.int64) if i == 0 else rows[:, i])
-                                    for i, c in enumerate(zav2.POSE_COLUMNS)}), log / 'city_SE3_egovehicle.feather')
+    table = pa.table({c: (rows[:, i].astype(np.int64) if i == 0 else rows[:, i])
+                      for i, c in enumerate(zav2.POSE_COLUMNS)})
+    feather.write_feather(table, log / 'city_SE3_egovehicle.feather')
     flow = np.full((50, 3), 0.25, np.float32)
     sf = {'flow_tx_m': flow[:, 0], 'flow_ty_m': flow[:, 1], 'flow_tz_m': flow[:, 2],
           'is_valid': np.ones(50, bool), 'is_dynamic': np.zeros(50, bool),
