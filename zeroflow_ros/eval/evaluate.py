@@ -1,0 +1,330 @@
+"""``zeroflow eval``: official AV2 scene-flow metrics and the bucket-normalised EPE of a prediction folder.
+
+``PRED_DIR`` holds ``<log_id>/<ts_ns>.feather`` files as ``zeroflow predict`` writes them (one row per
+lidar point of sweep t), or is an AV2 submission archive / folder in the challenge format (one row per
+point of the evaluation mask, float16 flow). Every sweep t of every log of ``DATA_ROOT/<split>`` that
+has a successor is evaluated (``--every 5`` takes every 5th pair of each log); a missing or malformed
+prediction is an error naming the file, never a partial score.
+
+Per pair, as the official pipeline (``make_mask_files`` + ``make_annotation_files`` + ``eval``):
+
+* evaluation mask: non-ground and ``|x|, |y| <= 50 m`` in the ego frame of sweep t. Ground is the map
+  raster rule when the log has a raster (as av2), else the ``is_ground`` column of the synthetic
+  ground-truth file;
+* ground truth: :meth:`zeroflow_ros.data.av2.AV2Log.gt_flow`, rounded to float16 as the official
+  annotation files store it (three-way metrics only; the bucketed metric uses it unrounded, as the
+  reference's own flow files do);
+* metrics: :mod:`zeroflow_ros.eval.metrics` (three-way EPE, accuracies, angle error, dynamic IoU) and
+  :mod:`zeroflow_ros.eval.bucketed` (bucket-normalised EPE of the AV2 2024 challenge).
+
+Writes a table to stdout, ``metrics.json`` and ``bucketed_epe.png`` to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import math
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from zeroflow_ros.core.geometry import av2_to_residual
+from zeroflow_ros.eval.bucketed import BucketedAccumulator, BucketedResult
+from zeroflow_ros.eval.metrics import (FLOW_METRICS, MetricsError, ThreeWayAccumulator, close_mask,
+                                       compute_example, eval_point_mask, official_gt_flow)
+
+log = logging.getLogger(__name__)
+
+FLOW_COLUMNS = ('flow_tx_m', 'flow_ty_m', 'flow_tz_m')
+FLOAT_TYPES = (np.float16, np.float32, np.float64)
+
+
+class EvalError(ValueError):
+    """A prediction or ground-truth file is missing or malformed (names the file and what was expected)."""
+
+
+@dataclass
+class EvalPair:
+    log_id: str
+    ts0: int
+    points0: np.ndarray       # (N,3) float32, ego0
+    ego1_T_ego0: np.ndarray
+    gt_flow: np.ndarray       # (N,3) float32, AV2 convention
+    is_valid: np.ndarray
+    is_dynamic: np.ndarray
+    category_indices: np.ndarray
+    eval_mask: np.ndarray     # (N,) bool
+
+
+class PredictionSource:
+    """Reads ``<log_id>/<ts>.feather`` from a folder or a zip archive."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._zip: zipfile.ZipFile | None = None
+        if self.path.is_file() and zipfile.is_zipfile(self.path):
+            self._zip = zipfile.ZipFile(self.path)
+            self._names = set(self._zip.namelist())
+        elif not self.path.is_dir():
+            raise EvalError(f'{self.path}: prediction folder or .zip archive not found')
+
+    def where(self, log_id: str, ts0: int) -> str:
+        name = f'{log_id}/{int(ts0)}.feather'
+        return f'{self.path}:{name}' if self._zip is not None else str(self.path / name)
+
+    def read(self, log_id: str, ts0: int):
+        import pyarrow.feather as feather
+        name = f'{log_id}/{int(ts0)}.feather'
+        where = self.where(log_id, ts0)
+        try:
+            if self._zip is not None:
+                if name not in self._names:
+                    raise EvalError(f'{where}: prediction missing')
+                return feather.read_table(io.BytesIO(self._zip.read(name)))
+            p = self.path / name
+            if not p.is_file():
+                raise EvalError(f'{where}: prediction missing')
+            return feather.read_table(p)
+        except EvalError:
+            raise
+        except Exception as exc:  # pyarrow raises many types for corrupt files
+            raise EvalError(f'{where}: cannot read as feather ({exc})') from None
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+
+
+def parse_prediction(table, where: str, n_points: int,
+                     eval_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a prediction table; returns (flow (N,3) float64, is_dynamic (N,)) over all N points.
+
+    Accepts one row per lidar point, or one row per evaluated point (challenge format); rows outside
+    the mask of the second form are filled with NaN (never scored).
+    """
+    names = table.column_names
+    missing = [c for c in FLOW_COLUMNS + ('is_dynamic',) if c not in names]
+    if missing:
+        raise EvalError(f'{where}: missing columns {missing} (has {names})')
+    cols = {}
+    for c in FLOW_COLUMNS:
+        arr = table.column(c).to_numpy(zero_copy_only=False)
+        if arr.dtype not in FLOAT_TYPES:
+            raise EvalError(f'{where}: column {c} must be float16/32/64, got {arr.dtype}')
+        cols[c] = arr
+    dyn = table.column('is_dynamic').to_numpy(zero_copy_only=False)
+    if dyn.dtype != bool:
+        raise EvalError(f'{where}: column is_dynamic must be bool, got {dyn.dtype}')
+    flow = np.stack([cols[c].astype(np.float64) for c in FLOW_COLUMNS], axis=1)
+    n_eval = int(eval_mask.sum())
+    rows = table.num_rows
+    if rows == n_points:
+        full_flow, full_dyn = flow, dyn
+    elif rows == n_eval:
+        full_flow = np.full((n_points, 3), np.nan)
+        full_flow[eval_mask] = flow
+        full_dyn = np.zeros(n_points, dtype=bool)
+        full_dyn[eval_mask] = dyn
+    else:
+        raise EvalError(f'{where}: {rows} rows, expected {n_points} (one per lidar point) or {n_eval} '
+                        '(one per evaluated point)')
+    bad = ~np.isfinite(full_flow[eval_mask]).all(axis=1)
+    if bad.any():
+        raise EvalError(f'{where}: {int(bad.sum())} evaluated rows have NaN/inf flow')
+    return full_flow, full_dyn
+
+
+def _ground0(lg, points0: np.ndarray, ts0: int) -> np.ndarray:
+    g = lg.ground_mask(points0, ts0)
+    if g is not None:
+        return g
+    from zeroflow_ros.data.av2 import read_feather
+    path = lg.log_dir / 'scene_flow' / f'{int(ts0)}.feather'
+    tab = read_feather(path)
+    if 'is_ground' not in tab.column_names:
+        raise EvalError(f'{path}: log {lg.log_id} has no map ground raster and this file has no is_ground '
+                        'column; cannot build the evaluation mask')
+    g = tab.column('is_ground').to_numpy(zero_copy_only=False).astype(bool)
+    if g.shape != (len(points0),):
+        raise EvalError(f'{path}: is_ground has {len(g)} rows, the lidar sweep {len(points0)}')
+    return g
+
+
+def iter_eval_pairs(data_root: Path, split: str, every: int = 1) -> Iterator[EvalPair]:
+    """Pairs of a split with their ground truth and evaluation mask."""
+    from zeroflow_ros.data.av2 import list_logs
+    logs = list_logs(Path(data_root), split)
+    if not logs:
+        raise EvalError(f'{Path(data_root) / split}: no logs with sensors/lidar/ found')
+    for lg in logs:
+        ts = lg.timestamps
+        for k, (t0, t1) in enumerate(zip(ts[:-1], ts[1:])):
+            if k % every:
+                continue
+            t0, t1 = int(t0), int(t1)
+            points0 = lg.points(t0)
+            gt = lg.gt_flow(t0)
+            if gt is None:
+                raise EvalError(f'{lg.log_dir}: no ground-truth flow for sweep {t0} '
+                                '(expected scene_flow/<ts>.feather or annotations)')
+            n = len(points0)
+            for name in ('is_valid', 'is_dynamic', 'category_indices'):
+                if getattr(gt, name).shape != (n,):
+                    raise EvalError(f'{lg.log_dir}: ground truth {name} of sweep {t0} has shape '
+                                    f'{getattr(gt, name).shape}, the sweep has {n} points')
+            if gt.flow.shape != (n, 3):
+                raise EvalError(f'{lg.log_dir}: ground-truth flow of sweep {t0} has shape {gt.flow.shape}, '
+                                f'expected ({n}, 3)')
+            mask = eval_point_mask(points0, _ground0(lg, points0, t0))
+            yield EvalPair(lg.log_id, t0, points0, lg.ego1_T_ego0(t0, t1), gt.flow, gt.is_valid,
+                           gt.is_dynamic, gt.category_indices, mask)
+
+
+@dataclass
+class EvalResult:
+    threeway: dict[str, float]
+    bucketed: BucketedResult
+    bucketed_all_ranges: BucketedResult
+    num_pairs: int
+    num_points: int
+
+    def to_dict(self) -> dict:
+        def clean(v: float):
+            return None if v is None or not math.isfinite(v) else float(v)
+        return {
+            'num_pairs': self.num_pairs,
+            'num_points': self.num_points,
+            'threeway': {k: clean(v) for k, v in self.threeway.items()},
+            'bucketed': self.bucketed.to_dict(),
+            'bucketed_all_ranges': self.bucketed_all_ranges.to_dict(),
+        }
+
+
+def evaluate(pred_dir: Path, data_root: Path, split: str, every: int = 1, progress=None) -> EvalResult:
+    """Score a prediction folder/archive against the ground truth of a split."""
+    src = PredictionSource(pred_dir)
+    three = ThreeWayAccumulator()
+    buck = BucketedAccumulator()
+    n_pairs = n_points = 0
+    pairs = iter_eval_pairs(data_root, split, every)
+    if progress is not None:
+        pairs = progress(pairs)
+    try:
+        for p in pairs:
+            where = src.where(p.log_id, p.ts0)
+            flow, dyn = parse_prediction(src.read(p.log_id, p.ts0), where, len(p.points0), p.eval_mask)
+            m = p.eval_mask
+            try:
+                three.add(compute_example(flow[m], dyn[m], official_gt_flow(p.gt_flow[m]),
+                                          p.category_indices[m], p.is_dynamic[m], close_mask(p.points0[m]),
+                                          p.is_valid[m]))
+                sel = m & p.is_valid
+                pts = p.points0[sel]
+                buck.add(pts, av2_to_residual(pts, flow[sel], p.ego1_T_ego0),
+                         av2_to_residual(pts, p.gt_flow[sel], p.ego1_T_ego0), p.category_indices[sel])
+            except MetricsError as exc:
+                raise EvalError(f'{where}: {exc}') from None
+            n_pairs += 1
+            n_points += int((m & p.is_valid).sum())
+    finally:
+        src.close()
+    if n_pairs == 0:
+        raise EvalError(f'{Path(data_root) / split}: no sweep pairs to evaluate')
+    return EvalResult(three.results(), buck.result(35.0), buck.result(float('inf')), n_pairs, n_points)
+
+
+# --- presentation ------------------------------------------------------------------------------
+
+def _fmt(v: float, nd: int = 4) -> str:
+    return '-' if v is None or not math.isfinite(v) else f'{v:.{nd}f}'
+
+
+def format_table(res: EvalResult) -> str:
+    t = res.threeway
+    lines = [f'{res.num_pairs} sweep pairs, {res.num_points} evaluated points', '',
+             'AV2 scene flow (official three-way metrics)']
+    lines.append(f'  {"subset":<22}{"EPE (m)":>10}{"Acc strict":>12}{"Acc relax":>11}{"Angle (rad)":>13}')
+    for sub in ('Foreground/Dynamic', 'Foreground/Static', 'Background/Static'):
+        for suffix in ('', '/Close', '/Far'):
+            key = sub + suffix
+            name = ('  ' if suffix else '') + (key if not suffix else suffix[1:])
+            vals = [_fmt(t.get(f'{lab}/{key}', float('nan')))
+                    for lab in ('EPE', 'Accuracy Strict', 'Accuracy Relax', 'Angle Error')]
+            lines.append(f'  {name:<22}{vals[0]:>10}{vals[1]:>12}{vals[2]:>11}{vals[3]:>13}')
+    lines.append(f'  EPE 3-Way Average     {_fmt(t["EPE 3-Way Average"])}')
+    lines.append(f'  Dynamic IoU           {_fmt(t["Dynamic IoU"])}')
+    lines += ['', 'Bucket-normalised EPE (AV2 2024 challenge, points within 35 m)',
+              f'  {"class":<16}{"static EPE":>12}{"dynamic norm. EPE":>19}']
+    for c, (s, d) in res.bucketed.per_class().items():
+        lines.append(f'  {c:<16}{_fmt(s):>12}{_fmt(d):>19}')
+    ms, md = res.bucketed.mean()
+    lines.append(f'  {"mean":<16}{_fmt(ms):>12}{_fmt(md):>19}')
+    return '\n'.join(lines)
+
+
+def plot_buckets(res: BucketedResult, path: Path, title: str = '') -> None:
+    """EPE per speed bucket and meta-class (raw and normalised), matplotlib Agg."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    centres = res.edges[:-1] + np.diff(np.where(np.isinf(res.edges), res.edges[-2] + 0.04, res.edges)) / 2
+    speeds_ms = centres * 10.0  # metres per 0.1 s frame -> m/s
+    norm = res.normalized()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    markers = dict(BACKGROUND='o', CAR='s', PEDESTRIAN='^', WHEELED_VRU='D', OTHER_VEHICLES='v')
+    for i, c in enumerate(res.classes):
+        ok = res.count[i] > 0
+        if not ok.any():
+            continue
+        axes[0].plot(speeds_ms[ok], res.epe[i, ok], marker=markers.get(c, 'o'), ms=4, lw=1, label=c)
+        ok_d = ok.copy()
+        ok_d[0] = False
+        if ok_d.any():
+            axes[1].plot(speeds_ms[ok_d], norm[i, ok_d], marker=markers.get(c, 'o'), ms=4, lw=1, label=c)
+    axes[0].set(xlabel='ground-truth speed (m/s, bucket centre; last = >= 20 m/s)', ylabel='mean EPE (m)',
+                title='EPE per speed bucket')
+    axes[1].set(xlabel='ground-truth speed (m/s, bucket centre)', ylabel='EPE / mean speed of the bucket',
+                title='normalised EPE (dynamic buckets)')
+    axes[0].axvspan(0, res.edges[1] * 10, color='0.9', zorder=0, label='static bucket')
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ms, md = res.mean()
+    fig.suptitle(f'{title}  mean static EPE {_fmt(ms)} m, mean dynamic normalised EPE {_fmt(md)}'.strip())
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('pred_dir', type=Path, help='predictions <log_id>/<ts>.feather (folder or .zip)')
+    parser.add_argument('data_root', type=Path, help='dataset root holding <split>/<log_id>/...')
+    parser.add_argument('--split', required=True, help='split folder under DATA_ROOT (e.g. val)')
+    parser.add_argument('--every', type=int, default=1,
+                        help='evaluate every k-th pair of each log (the AV2 leaderboard uses 5)')
+    parser.add_argument('--out', type=Path, help='folder for metrics.json and bucketed_epe.png '
+                        '(default: <PRED_DIR>_eval next to PRED_DIR)')
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+    if args.every < 1:
+        raise EvalError(f'--every: expected >= 1, got {args.every}')
+    res = evaluate(args.pred_dir, args.data_root, args.split, args.every,
+                   progress=lambda it: tqdm(it, unit='pair', desc='eval'))
+    out = args.out or args.pred_dir.with_name(args.pred_dir.stem + '_eval')
+    out.mkdir(parents=True, exist_ok=True)
+    print(format_table(res))
+    d = res.to_dict()
+    d.update(pred_dir=str(args.pred_dir), data_root=str(args.data_root), split=args.split, every=args.every,
+             flow_metrics=list(FLOW_METRICS))
+    (out / 'metrics.json').write_text(json.dumps(d, indent=2))
+    plot_buckets(res.bucketed, out / 'bucketed_epe.png', title=f'{args.pred_dir.name} on {args.split}:')
+    print(f'\nwrote {out / "metrics.json"} and {out / "bucketed_epe.png"}')
+    return 0
