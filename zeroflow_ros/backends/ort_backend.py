@@ -1,0 +1,90 @@
+"""onnxruntime backend (CPU, or CUDA with the onnxruntime-gpu wheel).
+
+One ``InferenceSession`` per backend, created at load time; each call only feeds arrays.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from zeroflow_ros.backends.base import Backend, BackendError, ModelSource, default_threads
+from zeroflow_ros.manifest import Manifest, ManifestError
+
+log = logging.getLogger(__name__)
+
+# onnxruntime's type strings -> numpy dtype names used in the manifest
+_ORT_TYPES = {'tensor(float)': 'float32', 'tensor(float16)': 'float16', 'tensor(int64)': 'int64',
+              'tensor(int32)': 'int32', 'tensor(bool)': 'bool'}
+
+
+def check_io_against_manifest(kind: str, actual: dict[str, str], expected: list, where: str) -> None:
+    """Raise BackendError when tensor names or dtypes differ from the manifest's."""
+    want = {t.name: t.dtype for t in expected}
+    if actual != want:
+        raise BackendError(f'{where}: {kind} {actual} do not match the manifest {want}')
+
+
+class OrtBackend(Backend):
+    name = 'onnxruntime'
+
+    def __init__(self, source: ModelSource, device: str = 'cpu', precision: str = 'fp32',
+                 threads: int | None = None, verify_sha: bool = True) -> None:
+        if source.onnx is None or source.manifest is None:
+            raise BackendError(f'onnxruntime: {source.path} has no ONNX model with a manifest')
+        if device not in ('cpu', 'cuda'):
+            raise BackendError(f"onnxruntime: device must be 'cpu' or 'cuda', got {device!r}")
+        if precision != 'fp32':
+            raise BackendError('onnxruntime: only fp32 is supported (the ONNX file is fp32); '
+                               'use tensorrt for fp16')
+        manifest: Manifest = source.manifest
+        if verify_sha:
+            try:
+                manifest.verify_onnx()
+            except ManifestError as exc:
+                raise BackendError(str(exc)) from None
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise BackendError(f'onnxruntime: not installed ({exc}); pip install onnxruntime') from None
+        threads = threads or default_threads()
+        super().__init__(source, source.grid(), device, precision, threads)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        if device == 'cuda':
+            if 'CUDAExecutionProvider' not in ort.get_available_providers():
+                raise BackendError('onnxruntime: CUDAExecutionProvider not available '
+                                   f'(have {ort.get_available_providers()}); pip install onnxruntime-gpu')
+            providers: list[Any] = [('CUDAExecutionProvider', {'cudnn_conv_algo_search': 'HEURISTIC'}),
+                                    'CPUExecutionProvider']
+        else:
+            providers = ['CPUExecutionProvider']
+        try:
+            self.session = ort.InferenceSession(str(source.onnx), sess_options=opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise BackendError(f'onnxruntime: cannot load {source.onnx}: {type(exc).__name__}: {exc}') from None
+        self.providers = self.session.get_providers()
+        if device == 'cuda' and 'CUDAExecutionProvider' not in self.providers:
+            raise BackendError(f'onnxruntime: session fell back to {self.providers}; CUDA is unusable here')
+        check_io_against_manifest(
+            'inputs', {i.name: _ORT_TYPES.get(i.type, i.type) for i in self.session.get_inputs()},
+            manifest.inputs, str(source.onnx))
+        check_io_against_manifest(
+            'outputs', {o.name: _ORT_TYPES.get(o.type, o.type) for o in self.session.get_outputs()},
+            manifest.outputs, str(source.onnx))
+        self._in_names = [t.name for t in manifest.inputs]
+        self._out_name = manifest.outputs[0].name
+        self._version = ort.__version__
+
+    def _run(self, pc0: np.ndarray, idx0: np.ndarray, pc1: np.ndarray, idx1: np.ndarray) -> np.ndarray:
+        feeds = dict(zip(self._in_names, (pc0, idx0, pc1, idx1)))
+        (flow,) = self.session.run([self._out_name], feeds)
+        return np.asarray(flow, dtype=np.float32)
+
+    def _extra_description(self) -> dict[str, Any]:
+        return {'providers': self.providers, 'onnx': str(self.source.onnx), 'onnxruntime': self._version}
