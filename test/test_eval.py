@@ -18,15 +18,24 @@ import pytest
 from zeroflow_ros.eval import metrics as M
 from zeroflow_ros.eval.bucketed import META_CLASSES, BucketedAccumulator, speed_bucket_edges
 
-av2_eval = pytest.importorskip('av2.evaluation.scene_flow.eval', reason='official av2 is the reference (dev extra)')
-av2_anno = pytest.importorskip('av2.evaluation.scene_flow.make_annotation_files')
-av2_const = pytest.importorskip('av2.evaluation.scene_flow.constants')
+
+class _AV2:
+    """The official av2 scene-flow modules, imported on first use (dev extra, heavy: torch, kornia)."""
+
+    def __getattr__(self, name: str):
+        mod = {'eval': 'av2.evaluation.scene_flow.eval',
+               'anno': 'av2.evaluation.scene_flow.make_annotation_files',
+               'const': 'av2.evaluation.scene_flow.constants'}[name]
+        return pytest.importorskip(mod, reason='the official av2 package is the reference (dev extra)')
+
+
+av2 = _AV2()
 
 
 def av2_results(anno_dir: Path, pred_dir: Path) -> dict[str, float]:
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # pandas groupby.apply deprecation chatter inside av2
-        return av2_eval.results_to_dict(av2_eval.evaluate_directories(anno_dir, pred_dir))
+        return av2.eval.results_to_dict(av2.eval.evaluate_directories(anno_dir, pred_dir))
 
 
 def assert_same(ours: dict[str, float], ref: dict[str, float]) -> None:
@@ -66,13 +75,13 @@ def random_example(rng: np.random.Generator, n: int, *, no_fg_dynamic_far: bool 
 
 
 def test_constants_match_av2():
-    assert M.CATEGORY_TO_INDEX == av2_const.CATEGORY_TO_INDEX
-    fg = av2_const.FOREGROUND_BACKGROUND_BREAKDOWN
-    assert M.FOREGROUND_BACKGROUND_BREAKDOWN['Foreground'] == fg[av2_const.MetricBreakdownCategories.FOREGROUND]
-    assert M.FOREGROUND_BACKGROUND_BREAKDOWN['Background'] == fg[av2_const.MetricBreakdownCategories.BACKGROUND]
-    assert list(M.FLOW_METRICS) == [m.value for m in av2_const.SceneFlowMetricType]
-    assert list(M.SEG_METRICS) == [m.value for m in av2_const.SegmentationMetricType]
-    assert av2_anno.CLOSE_DISTANCE_THRESHOLD == M.CLOSE_DISTANCE_THRESHOLD
+    assert M.CATEGORY_TO_INDEX == av2.const.CATEGORY_TO_INDEX
+    fg, names = av2.const.FOREGROUND_BACKGROUND_BREAKDOWN, av2.const.MetricBreakdownCategories
+    assert M.FOREGROUND_BACKGROUND_BREAKDOWN['Foreground'] == fg[names.FOREGROUND]
+    assert M.FOREGROUND_BACKGROUND_BREAKDOWN['Background'] == fg[names.BACKGROUND]
+    assert list(M.FLOW_METRICS) == [m.value for m in av2.const.SceneFlowMetricType]
+    assert list(M.SEG_METRICS) == [m.value for m in av2.const.SegmentationMetricType]
+    assert av2.anno.CLOSE_DISTANCE_THRESHOLD == M.CLOSE_DISTANCE_THRESHOLD
     for cat in sum(META_CLASSES.values(), []):
         assert cat == 'BACKGROUND' or cat in M.CATEGORY_TO_INDEX, cat
 
@@ -84,10 +93,10 @@ def test_pointwise_metrics_match_av2():
     pred = gt + rng.normal(0, 0.07, (500, 3))
     pred[50:60] = gt[50:60]
     pred[60:70] = -gt[60:70]               # opposite direction: angle error near pi
-    np.testing.assert_allclose(M.end_point_error(pred, gt), av2_eval.compute_end_point_error(pred, gt))
-    np.testing.assert_array_equal(M.accuracy(pred, gt, 0.05), av2_eval.compute_accuracy_strict(pred, gt))
-    np.testing.assert_array_equal(M.accuracy(pred, gt, 0.1), av2_eval.compute_accuracy_relax(pred, gt))
-    np.testing.assert_allclose(M.angle_error(pred, gt), av2_eval.compute_angle_error(pred, gt), rtol=1e-12)
+    np.testing.assert_allclose(M.end_point_error(pred, gt), av2.eval.compute_end_point_error(pred, gt))
+    np.testing.assert_array_equal(M.accuracy(pred, gt, 0.05), av2.eval.compute_accuracy_strict(pred, gt))
+    np.testing.assert_array_equal(M.accuracy(pred, gt, 0.1), av2.eval.compute_accuracy_relax(pred, gt))
+    np.testing.assert_allclose(M.angle_error(pred, gt), av2.eval.compute_angle_error(pred, gt), rtol=1e-12)
 
 
 def test_threeway_parity_hand_built(tmp_path):
@@ -105,7 +114,7 @@ def test_threeway_parity_hand_built(tmp_path):
     examples.append((pts, np.zeros_like(cats), dyn, gt, valid, close, pred, pdyn))
     for i, (pts, cats, dyn, gt, valid, close, pred, pdyn) in enumerate(examples):
         log_id, ts = f'log{i % 2}', 1000 + i
-        av2_anno.write_annotation(cats, close, dyn, valid, gt, (log_id, ts), anno)
+        av2.anno.write_annotation(cats, close, dyn, valid, gt, (log_id, ts), anno)
         write_pred(pred_dir, log_id, ts, pred, pdyn)
         acc.add_example(pred.astype(np.float32), pdyn, M.official_gt_flow(gt), cats, dyn, close, valid)
     ref = av2_results(anno, pred_dir)
@@ -121,7 +130,7 @@ def test_threeway_empty_subset_is_nan_like_av2(tmp_path):
     anno.mkdir()
     pts, cats, dyn, gt, valid, close, pred, pdyn = random_example(rng, 100)
     cats[:] = 0
-    av2_anno.write_annotation(cats, close, dyn, valid, gt, ('a', 1), anno)
+    av2.anno.write_annotation(cats, close, dyn, valid, gt, ('a', 1), anno)
     write_pred(pred_dir, 'a', 1, pred, pdyn)
     acc = M.ThreeWayAccumulator()
     acc.add_example(pred, pdyn, M.official_gt_flow(gt), cats, dyn, close, valid)
@@ -159,7 +168,7 @@ def test_threeway_hand_values():
 # --- bucketed ------------------------------------------------------------------------------------
 
 def brute_force_bucketed(frames, distance: float):
-    """Straight from BucketedSceneFlowEval: per frame/category/bucket means, merged by counts, then normalised."""
+    """Straight from BucketedSceneFlowEval: per frame/category/bucket means, merged by counts, normalised."""
     edges = speed_bucket_edges()
     buckets = list(zip(edges[:-1], edges[1:]))
     idx_to_name = {0: 'BACKGROUND', **{i: c for c, i in M.CATEGORY_TO_INDEX.items() if i > 0}}
@@ -172,8 +181,9 @@ def brute_force_bucketed(frames, distance: float):
                 sel = [i for i in range(len(pts)) if int(cats[i]) == c and lo <= speeds[i] < hi
                        and max(abs(float(pts[i][0])), abs(float(pts[i][1]))) < distance]
                 if sel:
+                    k = len(sel)
                     stats.setdefault((idx_to_name[c], b), []).append(
-                        (sum(epes[i] for i in sel) / len(sel), len(sel), sum(speeds[i] for i in sel) / len(sel)))
+                        (sum(epes[i] for i in sel) / k, k, sum(speeds[i] for i in sel) / k))
     out = {}
     for meta, members in META_CLASSES.items():
         row = []
@@ -221,7 +231,8 @@ def test_bucketed_hand_values():
     """
     pts = np.array([[1, 1, 0], [2, 2, 0], [3, 3, 0], [4, 4, 0], [5, 5, 0], [40, 0, 0], [6, 6, 0]], float)
     gt = np.array([[0, 0, 0], [0, 0, 0], [1, 0, 0], [0, 1, 0], [0.1, 0, 0], [0.1, 0, 0], [1, 0, 0]], float)
-    pred = gt + np.array([[0.1, 0, 0], [0, 0.3, 0], [0.5, 0, 0], [0, 0.3, 0], [0, 0.05, 0], [5, 0, 0], [9, 0, 0]])
+    err = [[0.1, 0, 0], [0, 0.3, 0], [0.5, 0, 0], [0, 0.3, 0], [0, 0.05, 0], [5, 0, 0], [9, 0, 0]]
+    pred = gt + np.array(err)
     cats = np.array([19, 19, 19, 19, 17, 17, 21])
     acc = BucketedAccumulator()
     acc.add(pts, pred, gt, cats)
