@@ -74,7 +74,7 @@ class DecodedCloud:
     n_input: int                        # width * height
     intensity: np.ndarray | None = None  # (K,) float32
     time: np.ndarray | None = None       # (K,) float64 seconds
-    ring: np.ndarray | None = None       # (K,) int32
+    ring: np.ndarray | None = None       # (K,) int64
     frame_id: str = ''
     stamp_ns: int = 0
     height: int = 1
@@ -297,13 +297,16 @@ def decode(msg: Any, max_points: int | None = None, *, copy: bool = False) -> De
                          f'{row_step * height} (width {width}, point_step {point_step})')
 
     f_int, f_time, f_ring = _pick(fields, INTENSITY_NAMES), _pick(fields, TIME_NAMES), _pick(fields, RING_NAMES)
+    if f_ring is not None and DATATYPES[f_ring.datatype][0] == 'f':
+        raise CloudError(f'field {f_ring.name!r} is {DATATYPE_NAMES[f_ring.datatype]}: expected an integer '
+                         'datatype for a ring / laser number')
     if n == 0:
         empty = np.empty(0)
         return DecodedCloud(
             xyz=np.empty((0, 3), np.float32), indices=np.empty(0, np.int64), n_input=0,
             intensity=None if f_int is None else empty.astype(np.float32),
             time=None if f_time is None else empty.astype(np.float64),
-            ring=None if f_ring is None else empty.astype(np.int32),
+            ring=None if f_ring is None else empty.astype(np.int64),
             frame_id=frame_id, stamp_ns=stamp_ns, height=height, width=width,
             time_field=None if f_time is None else f_time.name)
 
@@ -344,7 +347,7 @@ def decode(msg: Any, max_points: int | None = None, *, copy: bool = False) -> De
             values = values.copy()
         return values
 
-    intensity, time, ring = column(f_int, np.float32), column(f_time, np.float64), column(f_ring, np.int32)
+    intensity, time, ring = column(f_int, np.float32), column(f_time, np.float64), column(f_ring, np.int64)
     if time is not None and DATATYPES[f_time.datatype][0] in 'iu':
         time = time * 1e-9  # integer stamps are nanoseconds
     return DecodedCloud(xyz=xyz, indices=indices, n_input=n, intensity=intensity, time=time, ring=ring,
