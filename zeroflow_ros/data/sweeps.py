@@ -175,7 +175,8 @@ def read_pcd(path: Path) -> Sweep:
         text = raw[pos:].decode('ascii', errors='replace').split()
         width = sum(counts)
         if len(text) < n * width:
-            raise SweepError(f'{path}: ascii data has {len(text)} values, expected {n} x {width} (truncated?)')
+            raise SweepError(
+                f'{path}: ascii data has {len(text)} values, expected {n} x {width} (truncated?)')
         vals = np.array(text[:n * width], dtype=np.float64).reshape(n, width)
         k = 0
         for name, dt, c in zip(names, dts, counts):
@@ -313,7 +314,8 @@ def read_kitti_timestamps(path: Path) -> np.ndarray:
             base = datetime.strptime(day, '%Y-%m-%d %H:%M:%S').replace(tzinfo=timezone.utc)
             out.append(int(base.timestamp()) * 1_000_000_000 + int(frac.ljust(9, '0')[:9]))
         except ValueError:
-            raise SweepError(f'{path}:{k + 1}: expected "YYYY-MM-DD HH:MM:SS.fffffffff", got {line!r}') from None
+            raise SweepError(
+                f'{path}:{k + 1}: expected "YYYY-MM-DD HH:MM:SS.fffffffff", got {line!r}') from None
     return np.array(out, dtype=np.int64)
 
 
