@@ -61,7 +61,8 @@ def test_pillarize_matches_brute_force_with_borders_and_garbage():
     assert kept.dtype == np.float32 and idx.dtype == np.int64
     assert keep[-10] and not keep[-9] and not keep[-8] and not keep[-7] and keep[-6] and not keep[-4]
     assert not keep[-1] and keep[-2]
-    assert idx[np.flatnonzero(keep).tolist().index(len(pts) - 10)] == 8 * 32 + 1  # row y=0 is 8 (of 16), x=-6.0 starts column 1 (of 32)
+    # row y=0 is 8 (of 16), x=-6.0 starts column 1 (of 32)
+    assert idx[np.flatnonzero(keep).tolist().index(len(pts) - 10)] == 8 * 32 + 1
     # every kept point lies inside its pillar
     c = pillar_centers(idx, TINY)
     assert np.all(np.abs(kept[:, :2] - c[:, :2]) <= g.pillar_size / 2 + 1e-5)
@@ -115,8 +116,8 @@ def test_encoder_is_a_scatter_mean_of_point_embeddings():
         sel = np.flatnonzero(i == pillar)
         q = p[sel].astype(np.float64)
         f = np.concatenate([q, q - q.mean(0), q - centers[sel]], axis=1) @ lin.T
-        f = (f - bn.running_mean.numpy()) / np.sqrt(bn.running_var.numpy() + bn.eps) * bn.weight.detach().numpy() \
-            + bn.bias.detach().numpy()
+        scale = bn.weight.detach().numpy() / np.sqrt(bn.running_var.numpy() + bn.eps)
+        f = (f - bn.running_mean.numpy()) * scale + bn.bias.detach().numpy()
         f = np.maximum(f, 0)
         np.testing.assert_allclose(emb.detach().numpy()[sel], f, atol=1e-5)
         ref_img[pillar] = f.mean(0)
@@ -208,7 +209,8 @@ def test_onnx_export_keeps_duplicate_pillar_sums(tmp_path):
     _, p1, i1 = pillarize(a + 0.3, TINY)
     args = tuple(torch.from_numpy(x) for x in (p0, i0, p1, i1))
     path = tmp_path / 'm.onnx'
-    torch.onnx.export(model, args, str(path), input_names=['pc0', 'idx0', 'pc1', 'idx1'], output_names=['flow'],
+    torch.onnx.export(model, args, str(path), input_names=['pc0', 'idx0', 'pc1', 'idx1'],
+                      output_names=['flow'],
                       dynamic_axes={'pc0': {0: 'K0'}, 'idx0': {0: 'K0'}, 'pc1': {0: 'K1'}, 'idx1': {0: 'K1'},
                                     'flow': {0: 'K0'}}, opset_version=17, dynamo=False)
     sess = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])

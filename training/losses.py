@@ -47,9 +47,10 @@ def speed_weight(target: torch.Tensor, frame_rate_hz: float = FRAME_RATE_HZ) -> 
 
 
 def upstream_speed_weight(target: torch.Tensor, frame_rate_hz: float = FRAME_RATE_HZ) -> torch.Tensor:
-    """The weight kylevedder/zeroflow actually computes (min/max swapped): 0.1 everywhere."""
+    """Compute the weight kylevedder/zeroflow actually uses (min/max swapped): 0.1 everywhere."""
     speed = torch.linalg.vector_norm(target.float(), dim=-1) * frame_rate_hz
-    return torch.minimum(torch.full_like(speed, 0.1), torch.maximum(1.8 * speed - 0.8, torch.ones_like(speed)))
+    return torch.minimum(torch.full_like(speed, 0.1),
+                         torch.maximum(1.8 * speed - 0.8, torch.ones_like(speed)))
 
 
 @dataclass
@@ -65,13 +66,14 @@ def _check(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None,
     if target.shape != pred.shape:
         raise LossError(f'target: expected shape {tuple(pred.shape)} like pred, got {tuple(target.shape)}')
     if valid is not None and (valid.shape != pred.shape[:1] or valid.dtype != torch.bool):
-        raise LossError(f'valid: expected a ({pred.shape[0]},) bool mask, got {tuple(valid.shape)} {valid.dtype}')
+        raise LossError(f'valid: expected a ({pred.shape[0]},) bool mask, '
+                        f'got {tuple(valid.shape)} {valid.dtype}')
     if batch_index is not None and batch_index.shape != pred.shape[:1]:
         raise LossError(f'batch_index: expected shape ({pred.shape[0]},), got {tuple(batch_index.shape)}')
 
 
 class DistillationLoss:
-    """Speed-weighted end-point error to the pseudo-labels (ZeroFlow); ``speed_scaling=False`` is plain EPE."""
+    """Speed-weighted end-point error to the pseudo-labels (ZeroFlow); ``speed_scaling=False``: plain EPE."""
 
     def __init__(self, speed_scaling: bool = True, frame_rate_hz: float = FRAME_RATE_HZ):
         if not frame_rate_hz > 0:
@@ -92,8 +94,9 @@ class DistillationLoss:
         keepf = keep.to(err.dtype)
         # where() rather than indexing keeps the graph shape static (cheap under DDP/compile)
         per_point = torch.where(keep, err * w, torch.zeros_like(err))
-        sums = torch.zeros(batch_size, device=err.device, dtype=err.dtype).scatter_add(0, batch_index, per_point)
-        counts = torch.zeros(batch_size, device=err.device, dtype=err.dtype).scatter_add(0, batch_index, keepf)
+        zeros = torch.zeros(batch_size, device=err.device, dtype=err.dtype)
+        sums = zeros.scatter_add(0, batch_index, per_point)
+        counts = zeros.scatter_add(0, batch_index, keepf)
         has = counts > 0
         if not bool(has.any()):
             # no valid label in the whole batch: a zero that still back-propagates (DDP needs a graph)

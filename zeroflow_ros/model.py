@@ -124,7 +124,7 @@ MODEL_CONFIGS: dict[str, FastFlow3DConfig] = {
 
 
 def get_config(name: str, **overrides: Any) -> FastFlow3DConfig:
-    """Registered config by name, optionally with fields overridden (e.g. ``pillar_size=0.8``)."""
+    """Return a registered config by name, optionally with fields overridden (e.g. ``pillar_size=0.8``)."""
     if name not in MODEL_CONFIGS:
         raise ModelError(f'unknown model config {name!r}; valid: {sorted(MODEL_CONFIGS)}')
     cfg = MODEL_CONFIGS[name]
@@ -162,7 +162,7 @@ class PillarEncoder(nn.Module):
 
     def forward(self, pts: torch.Tensor, idx: torch.Tensor, batch_size: int = 1
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (point embedding (K,C), offsets to pillar centre (K,3), pseudo-image (B,C,H,W))."""
+        """Return (point embedding (K,C), offsets to pillar centre (K,3), pseudo-image (B,C,H,W))."""
         num = batch_size * self.H * self.W
         k = pts.shape[0]
         ones = torch.ones_like(pts[:, 0])
@@ -188,8 +188,11 @@ class ConvBNGELU(nn.Sequential):
 
 
 class UpsampleSkip(nn.Module):
-    """ZeroFlow's decoder step: 1x1 + bilinear x2 on the coarse input, 1x1 on the skip, concat,
-    two 3x3 convs (no norm/activation, as upstream)."""
+    """ZeroFlow's decoder step.
+
+    1x1 conv + bilinear x2 on the coarse input, 1x1 conv on the skip, concatenation, then two 3x3
+    convs without norm or activation, as upstream.
+    """
 
     def __init__(self, coarse_channels: int, latent_channels: int, out_channels: int):
         super().__init__()
@@ -273,7 +276,7 @@ class FastFlow3D(nn.Module):
 
 
 class BatchedFastFlow3D(nn.Module):
-    """Training wrapper whose ``forward`` takes ``batch_size``, so DDP can wrap it (DDP only hooks ``forward``)."""
+    """Training wrapper whose ``forward`` takes ``batch_size``, so DDP (which hooks ``forward``) can wrap it."""
 
     def __init__(self, model: FastFlow3D):
         super().__init__()
@@ -328,18 +331,20 @@ def predict_flow(model: FastFlow3D, points0, points1) -> tuple[Any, Any]:
 # ---------------------------------------------------------------------------------------------
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The FastFlow3D inside DDP / :class:`BatchedFastFlow3D` / torch.compile wrappers."""
+    """Return the FastFlow3D inside DDP / :class:`BatchedFastFlow3D` / torch.compile wrappers."""
     for _ in range(4):
         if isinstance(model, FastFlow3D):
             break
-        inner = getattr(model, 'module', None) or getattr(model, 'model', None) or getattr(model, '_orig_mod', None)
+        inner = (getattr(model, 'module', None) or getattr(model, 'model', None)
+                 or getattr(model, '_orig_mod', None))
         if inner is None:
             break
         model = inner
     return model
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, train_config: Mapping[str, Any] | None = None,
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, *,
+                    train_config: Mapping[str, Any] | None = None,
                     epoch: int = 0, step: int = 0, optimizer: Any = None, scheduler: Any = None,
                     scaler: Any = None, rng_state: Mapping[str, Any] | None = None,
                     extra: Mapping[str, Any] | None = None) -> Path:
@@ -377,7 +382,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, train_config: 
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: Any = 'cpu') -> dict[str, Any]:
-    """The raw checkpoint dict, validated (format version, required keys)."""
+    """Read the raw checkpoint dict and validate it (format version, required keys)."""
     path = Path(path)
     if path.is_dir():
         path = path / 'model.pt'
@@ -398,7 +403,8 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = 'cpu') -> dict[
     return ckpt
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = 'cpu') -> tuple[FastFlow3D, dict[str, Any]]:
+def load_checkpoint(path: str | os.PathLike, map_location: Any = 'cpu'
+                    ) -> tuple[FastFlow3D, dict[str, Any]]:
     """Build the model from the checkpoint alone; returns ``(model in eval mode, meta)``.
 
     ``meta`` is the checkpoint without ``state_dict`` (config, epoch, step, optimizer state ...).
@@ -409,7 +415,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = 'cpu') -> tuple
     except ModelError as exc:
         raise ModelError(f'{path}: model_config: {exc}') from None
     model = FastFlow3D(cfg)
-    state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in ckpt['state_dict'].items()}
+    state = {k[len('module.'):] if k.startswith('module.') else k: v
+             for k, v in ckpt['state_dict'].items()}
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
