@@ -276,7 +276,7 @@ class FastFlow3D(nn.Module):
 
 
 class BatchedFastFlow3D(nn.Module):
-    """Training wrapper whose ``forward`` takes ``batch_size``, so DDP (which hooks ``forward``) can wrap it."""
+    """Training wrapper whose ``forward`` takes ``batch_size``, so DDP (it hooks ``forward``) can wrap it."""
 
     def __init__(self, model: FastFlow3D):
         super().__init__()
