@@ -22,6 +22,8 @@ from typing import Iterator
 
 import numpy as np
 
+from zeroflow_ros.data.av2 import DataError
+
 logger = logging.getLogger(__name__)
 
 NOMINAL_PERIOD_NS = 100_000_000  # 10 Hz
@@ -30,7 +32,7 @@ _PCD_TYPES = {('F', 4): '<f4', ('F', 8): '<f8', ('U', 1): 'u1', ('U', 2): '<u2',
 _TIME_FIELDS = ('timestamp', 'time', 't')
 
 
-class SweepError(ValueError):
+class SweepError(DataError):
     """A sweep or pose file is missing, truncated or not in the expected format (names the file)."""
 
 

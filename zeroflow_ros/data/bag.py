@@ -1,0 +1,387 @@
+"""rosbag2 in/out with ``rosbags`` (no ROS install needed), mcap or sqlite3.
+
+Reading: ``sensor_msgs/msg/PointCloud2`` on one topic, optionally ``nav_msgs/msg/Odometry`` on
+another, into the pair shape of :mod:`zeroflow_ros.data.av2` (:class:`BagPair` is a
+:class:`~zeroflow_ros.data.av2.Pair`). Clouds are decoded with :mod:`zeroflow_ros.core.pointcloud2`
+(points with a non-finite coordinate are dropped; ``BagPair.cloud0/1.indices`` map back to the
+message's point order). Times are header stamps. With odometry, ``ego1_T_ego0`` is
+``inv(world_T_ego(t1)) @ world_T_ego(t0)``, the odometry pose interpolated at each cloud stamp
+(linear translation, slerp rotation); it assumes the odometry's ``child_frame_id`` is the cloud's
+frame (a mismatch is logged once). Stamps outside the odometry's time span (beyond 50 ms) give None.
+
+Writing (:func:`write_bag`, ``zeroflow data to-bag``): clouds as FLOAT32 x, y, z plus extra fields
+(intensity FLOAT32), odometry from known poses (``header.frame_id`` = the world/odom frame,
+``child_frame_id`` = the cloud frame, zero twist), log time = header stamp.
+
+Bad input (unknown topic, wrong message type, empty bag, stamps not increasing) raises
+:class:`BagError` (a :class:`~zeroflow_ros.data.av2.DataError`) listing the bag's topics and types.
+A truncated or corrupt bag raises :class:`BagError` as well, when opened or at the first message
+that cannot be read: the clouds before the break have already been yielded by the iterators,
+nothing after it is guessed (run ``mcap recover`` / ``ros2 bag reindex`` to salvage the rest).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from zeroflow_ros.core.geometry import invert, make_transform, matrix_to_quat, quat_to_matrix
+from zeroflow_ros.data.av2 import DataError, Pair
+
+logger = logging.getLogger(__name__)
+
+POINTCLOUD2 = 'sensor_msgs/msg/PointCloud2'
+ODOMETRY = 'nav_msgs/msg/Odometry'
+ODOM_TOLERANCE_NS = 50_000_000
+
+
+class BagError(DataError):
+    """A bag cannot be read as asked (names the bag, lists its topics and types)."""
+
+
+@lru_cache(maxsize=1)
+def typestore():
+    """Return the ROS 2 Kilted message typestore of rosbags."""
+    from rosbags.typesys import Stores, get_typestore
+    return get_typestore(Stores.ROS2_KILTED)
+
+
+def _storage_for(path: Path, storage: str | None) -> tuple[Path, str]:
+    """Bag folder and storage plugin name from ``OUT[.mcap|.db3]`` and an optional override."""
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext in ('.mcap', '.db3'):
+        kind = 'mcap' if ext == '.mcap' else 'sqlite3'
+        if storage and storage != kind:
+            raise BagError(f'{path}: extension {ext} contradicts storage={storage!r}')
+        return path.with_suffix(''), kind
+    kind = storage or 'mcap'
+    if kind not in ('mcap', 'sqlite3'):
+        raise BagError(f'{path}: storage {kind!r} not supported (expected mcap or sqlite3)')
+    return path, kind
+
+
+@dataclass
+class BagTopic:
+    name: str
+    msgtype: str
+    count: int
+
+
+@dataclass
+class BagInfo:
+    path: Path
+    storage: str
+    topics: dict[str, BagTopic]
+    start_ns: int
+    end_ns: int
+    message_count: int
+
+    def describe_topics(self) -> str:
+        if not self.topics:
+            return '(no topics)'
+        return ', '.join(f'{t.name} [{t.msgtype}, {t.count} msgs]' for t in self.topics.values())
+
+
+def _open_reader(path: Path):
+    from rosbags.rosbag2 import Reader
+    path = Path(path)
+    if not path.exists():
+        raise BagError(f'{path}: bag not found')
+    try:
+        reader = Reader(path)
+        reader.open()
+    except Exception as exc:  # rosbags raises ReaderError, sqlite3/mcap errors, KeyError on bad yaml ...
+        raise BagError(f'{path}: cannot open as a rosbag2 (mcap or sqlite3) bag: '
+                       f'{type(exc).__name__}: {exc}. '
+                       'A truncated bag may be salvaged with `mcap recover` or `ros2 bag reindex`.') from None
+    return reader
+
+
+def _info_from(reader, path: Path) -> BagInfo:
+    topics = {name: BagTopic(name, t.msgtype, int(t.msgcount or 0)) for name, t in reader.topics.items()}
+    storage = 'mcap' if any(str(p).endswith('.mcap') for p in getattr(reader, 'paths', [])) else 'sqlite3'
+    if path.suffix == '.mcap':
+        storage = 'mcap'
+    return BagInfo(path, storage, topics, int(reader.start_time or 0), int(reader.end_time or 0),
+                   int(reader.message_count or 0))
+
+
+def bag_info(path: Path) -> BagInfo:
+    """Topics, types, message counts and time span of a bag (folder, or a bare .mcap/.db3 file)."""
+    reader = _open_reader(path)
+    try:
+        return _info_from(reader, Path(path))
+    finally:
+        reader.close()
+
+
+def _connections(reader, info: BagInfo, topic: str, msgtype: str) -> list:
+    if topic not in info.topics:
+        raise BagError(f'{info.path}: no topic {topic!r}; the bag has {info.describe_topics()}')
+    have = info.topics[topic].msgtype
+    if have != msgtype:
+        raise BagError(f'{info.path}: topic {topic!r} has type {have}, expected {msgtype}; '
+                       f'the bag has {info.describe_topics()}')
+    if info.topics[topic].count == 0:
+        raise BagError(f'{info.path}: topic {topic!r} has no messages; the bag has {info.describe_topics()}')
+    return [c for c in reader.connections if c.topic == topic]
+
+
+def _messages(reader, info: BagInfo, conns: list) -> Iterator[tuple[int, Any]]:
+    """(log time, deserialised message), wrapping storage/CDR errors into BagError."""
+    ts = typestore()
+    it = reader.messages(connections=conns)
+    k = 0
+    while True:
+        try:
+            conn, log_ns, raw = next(it)
+        except StopIteration:
+            return
+        except Exception as exc:
+            raise BagError(f'{info.path}: cannot read message {k} of {conns[0].topic!r} '
+                           f'(truncated or corrupt bag?): {type(exc).__name__}: {exc}') from None
+        try:
+            msg = ts.deserialize_cdr(raw, conn.msgtype)
+        except Exception as exc:
+            raise BagError(f'{info.path}: message {k} of {conns[0].topic!r} does not deserialise as '
+                           f'{conn.msgtype}: {type(exc).__name__}: {exc}') from None
+        yield int(log_ns), msg
+        k += 1
+
+
+def _stamp(msg) -> int:
+    return int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
+
+
+@dataclass
+class OdometryTrack:
+    """Odometry poses ``world_T_child`` at increasing stamps, with interpolation."""
+
+    stamps: np.ndarray      # (K,) int64 ns
+    poses: np.ndarray       # (K,4,4) float64
+    frame_id: str = ''
+    child_frame_id: str = ''
+
+    def at(self, t_ns: int, tolerance_ns: int = ODOM_TOLERANCE_NS) -> np.ndarray | None:
+        """Pose at ``t_ns`` (linear + slerp between neighbours); None outside the span (+tolerance)."""
+        s = self.stamps
+        if len(s) == 0 or t_ns < s[0] - tolerance_ns or t_ns > s[-1] + tolerance_ns:
+            return None
+        if t_ns <= s[0]:
+            return self.poses[0].copy()
+        if t_ns >= s[-1]:
+            return self.poses[-1].copy()
+        i = int(np.searchsorted(s, t_ns, side='right')) - 1
+        if s[i] == t_ns:
+            return self.poses[i].copy()
+        a = (t_ns - s[i]) / float(s[i + 1] - s[i])
+        return interpolate_pose(self.poses[i], self.poses[i + 1], a)
+
+
+def interpolate_pose(T0: np.ndarray, T1: np.ndarray, a: float) -> np.ndarray:
+    """Pose at fraction ``a`` from T0 to T1: linear translation, slerp rotation."""
+    q0, q1 = matrix_to_quat(T0[:3, :3]), matrix_to_quat(T1[:3, :3])
+    d = float(np.dot(q0, q1))
+    if d < 0:
+        q1, d = -q1, -d
+    if d > 0.9995:
+        q = q0 + a * (q1 - q0)
+    else:
+        th = np.arccos(np.clip(d, -1.0, 1.0))
+        q = (np.sin((1 - a) * th) * q0 + np.sin(a * th) * q1) / np.sin(th)
+    return make_transform(quat_to_matrix(*q), (1 - a) * T0[:3, 3] + a * T1[:3, 3])
+
+
+def read_odometry(path: Path, topic: str) -> OdometryTrack:
+    """All ``nav_msgs/Odometry`` poses of a topic (header stamps must increase)."""
+    reader = _open_reader(path)
+    try:
+        info = _info_from(reader, Path(path))
+        conns = _connections(reader, info, topic, ODOMETRY)
+        stamps, poses = [], []
+        frame = child = ''
+        for _, msg in _messages(reader, info, conns):
+            p = msg.pose.pose
+            stamps.append(_stamp(msg))
+            o = p.orientation
+            poses.append(make_transform(quat_to_matrix(o.w, o.x, o.y, o.z),
+                                        (p.position.x, p.position.y, p.position.z)))
+            frame, child = msg.header.frame_id, msg.child_frame_id
+    finally:
+        reader.close()
+    st = np.array(stamps, dtype=np.int64)
+    _check_increasing(info, topic, st)
+    return OdometryTrack(st, np.stack(poses), frame, child)
+
+
+def _check_increasing(info: BagInfo, topic: str, stamps: np.ndarray) -> None:
+    d = np.diff(stamps)
+    if len(d) and (d <= 0).any():
+        i = int(np.nonzero(d <= 0)[0][0])
+        raise BagError(f'{info.path}: header stamps of {topic!r} not increasing at messages {i}, {i + 1} '
+                       f'({stamps[i]} then {stamps[i + 1]}); the bag has {info.describe_topics()}')
+
+
+@dataclass
+class BagCloud:
+    stamp_ns: int
+    log_ns: int
+    cloud: Any  # zeroflow_ros.core.pointcloud2.DecodedCloud
+
+
+def iter_clouds(path: Path, topic: str) -> Iterator[BagCloud]:
+    """Yield the decoded PointCloud2 messages of ``topic`` in log order; header stamps must increase."""
+    from zeroflow_ros.core.pointcloud2 import CloudError, decode
+    reader = _open_reader(path)
+    try:
+        info = _info_from(reader, Path(path))
+        conns = _connections(reader, info, topic, POINTCLOUD2)
+        prev = None
+        for k, (log_ns, msg) in enumerate(_messages(reader, info, conns)):
+            stamp = _stamp(msg)
+            if prev is not None and stamp <= prev:
+                raise BagError(f'{info.path}: header stamps of {topic!r} not increasing at messages '
+                               f'{k - 1}, {k} '
+                               f'({prev} then {stamp}); the bag has {info.describe_topics()}')
+            prev = stamp
+            try:
+                cloud = decode(msg, copy=True)
+            except CloudError as exc:
+                raise BagError(f'{info.path}: message {k} of {topic!r}: {exc}') from None
+            yield BagCloud(stamp, log_ns, cloud)
+    finally:
+        reader.close()
+
+
+@dataclass
+class BagPair(Pair):
+    cloud0: Any = None  # DecodedCloud of sweep t (indices, intensity, time, frame_id)
+    cloud1: Any = None
+
+
+def iter_bag_pairs(path: Path, topic: str, odom_topic: str | None = None) -> Iterator[BagPair]:
+    """Consecutive cloud pairs of a bag; ``ego1_T_ego0`` from odometry when given and covering both stamps."""
+    odom = read_odometry(path, odom_topic) if odom_topic else None
+    warned = False
+    prev: BagCloud | None = None
+    for bc in iter_clouds(path, topic):
+        if odom is not None and not warned and odom.child_frame_id and bc.cloud.frame_id \
+                and odom.child_frame_id != bc.cloud.frame_id:
+            logger.warning('%s: odometry child_frame_id %r differs from the cloud frame %r; ego motion is '
+                           'taken as that of the cloud frame (no TF lookup)', path, odom.child_frame_id,
+                           bc.cloud.frame_id)
+            warned = True
+        if prev is not None:
+            T = None
+            if odom is not None:
+                w0, w1 = odom.at(prev.stamp_ns), odom.at(bc.stamp_ns)
+                if w0 is not None and w1 is not None:
+                    T = invert(w1) @ w0
+            yield BagPair(Path(path).stem, prev.stamp_ns, bc.stamp_ns, prev.cloud.xyz, bc.cloud.xyz, T,
+                          None, None, None, prev.cloud, bc.cloud)
+        prev = bc
+
+
+# ------------------------------------------------------------------------------------- writing
+
+@dataclass
+class CloudRecord:
+    """One sweep to write: stamp, xyz (N,3) and extra per-point fields (name -> (N,))."""
+
+    stamp_ns: int
+    points: np.ndarray
+    fields: dict[str, np.ndarray]
+    pose: np.ndarray | None = None  # world_T_cloud-frame, written as odometry when given
+
+
+def write_bag(out: Path, records: Iterable[CloudRecord], *, topic: str = '/lidar',
+              odom_topic: str | None = None, frame_id: str = 'lidar', odom_frame: str = 'odom',
+              storage: str | None = None) -> tuple[Path, int]:
+    """Write clouds (and odometry for records with a pose) to a new bag; returns (bag folder, clouds)."""
+    from rosbags.rosbag2 import StoragePlugin, Writer
+    from zeroflow_ros.core.pointcloud2 import encode
+    bag_dir, kind = _storage_for(out, storage)
+    if bag_dir.exists():
+        raise BagError(f'{bag_dir}: exists already; rosbag2 writers never overwrite (remove it first)')
+    ts = typestore()
+    T = ts.types
+    pc_cls, odom_cls = T[POINTCLOUD2], T[ODOMETRY]
+    plugin = StoragePlugin.MCAP if kind == 'mcap' else StoragePlugin.SQLITE3
+    n = 0
+    prev = None
+    writer = Writer(bag_dir, version=Writer.VERSION_LATEST, storage_plugin=plugin)
+    writer.open()
+    try:
+        pc_conn = writer.add_connection(topic, POINTCLOUD2, typestore=ts)
+        od_conn = writer.add_connection(odom_topic, ODOMETRY, typestore=ts) if odom_topic else None
+        for rec in records:
+            stamp = int(rec.stamp_ns)
+            if prev is not None and stamp <= prev:
+                raise BagError(f'{bag_dir}: sweep stamps must increase ({prev} then {stamp})')
+            prev = stamp
+            msg = encode(rec.points, rec.fields, frame_id=frame_id, stamp_ns=stamp, msg_cls=pc_cls)
+            writer.write(pc_conn, stamp, ts.serialize_cdr(msg, POINTCLOUD2))
+            if od_conn is not None and rec.pose is not None:
+                writer.write(od_conn, stamp, ts.serialize_cdr(
+                    _odometry(odom_cls, T, rec.pose, stamp, odom_frame, frame_id), ODOMETRY))
+            n += 1
+    except BaseException:
+        writer.close()
+        raise
+    writer.close()
+    if n == 0:
+        raise BagError(f'{bag_dir}: no sweeps to write')
+    return bag_dir, n
+
+
+def _odometry(odom_cls, T, pose: np.ndarray, stamp_ns: int, frame: str, child: str):
+    q = matrix_to_quat(pose[:3, :3])
+    sec, nsec = divmod(int(stamp_ns), 1_000_000_000)
+    header = T['std_msgs/msg/Header'](stamp=T['builtin_interfaces/msg/Time'](sec=sec, nanosec=nsec),
+                                      frame_id=frame)
+    pose_msg = T['geometry_msgs/msg/Pose'](
+        position=T['geometry_msgs/msg/Point'](x=float(pose[0, 3]), y=float(pose[1, 3]), z=float(pose[2, 3])),
+        orientation=T['geometry_msgs/msg/Quaternion'](x=float(q[1]), y=float(q[2]), z=float(q[3]),
+                                                      w=float(q[0])))
+    zero3 = T['geometry_msgs/msg/Vector3'](x=0.0, y=0.0, z=0.0)
+    return odom_cls(
+        header=header, child_frame_id=child,
+        pose=T['geometry_msgs/msg/PoseWithCovariance'](pose=pose_msg, covariance=np.zeros(36)),
+        twist=T['geometry_msgs/msg/TwistWithCovariance'](
+            twist=T['geometry_msgs/msg/Twist'](linear=zero3, angular=zero3), covariance=np.zeros(36)))
+
+
+# ---------------------------------------------------------------------------------- converters
+
+def records_from_av2_log(log_dir: Path) -> Iterator[CloudRecord]:
+    """Sweeps of an AV2/synthetic log (ego frame) with intensity and the city pose."""
+    from zeroflow_ros.data.av2 import AV2Log
+    log = AV2Log(log_dir)
+    for ts in log.timestamps:
+        tab = log.lidar_table(int(ts))
+        pts = np.stack([tab.column(c).to_numpy().astype(np.float32) for c in ('x', 'y', 'z')], axis=1)
+        fields = {}
+        if 'intensity' in tab.column_names:
+            fields['intensity'] = tab.column('intensity').to_numpy().astype(np.float32)
+        try:
+            pose = log.pose(int(ts))
+        except DataError:
+            pose = None
+        yield CloudRecord(int(ts), pts, fields, pose)
+
+
+def records_from_sweeps(folder: Path, poses_file: Path | None = None,
+                        start_ns: int = 0) -> Iterator[CloudRecord]:
+    """Sweeps of a KITTI .bin / PCD folder (recorded or nominal 10 Hz times), poses from a KITTI file."""
+    from zeroflow_ros.data.sweeps import iter_sweeps, list_sweep_files, poses_for_sweeps
+    poses = poses_for_sweeps(poses_file, list_sweep_files(folder)) if poses_file else None
+    for k, s in enumerate(iter_sweeps(folder, start_ns=start_ns)):
+        fields = {}
+        if 'intensity' in s.fields:
+            fields['intensity'] = np.asarray(s.fields['intensity'], dtype=np.float32).reshape(-1)
+        yield CloudRecord(int(s.stamp_ns), s.points, fields, None if poses is None else poses[k])
