@@ -412,7 +412,7 @@ def resolve_model_path(model: str) -> str:
         from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
         try:
             candidates.append(Path(get_package_share_directory('zeroflow_ros')) / p)
-        except PackageNotFoundError:
+        except (PackageNotFoundError, OSError):  # OSError: no AMENT_PREFIX_PATH (pip install)
             pass
     except ImportError:
         pass

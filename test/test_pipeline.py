@@ -1,0 +1,263 @@
+"""Per-frame logic of the node (zeroflow_ros.pipeline), no ROS.
+
+References are independent of the code under test: scipy's Slerp for pose interpolation, the
+offline path (core.preprocess.prepare_pair + backend.infer + scatter, as `zeroflow predict`
+does) for the flow, and hand-built static scenes seen from known poses for ego compensation.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation, Slerp
+
+from zeroflow_ros.core import geometry, preprocess
+from zeroflow_ros.pipeline import (FlowFrame, Pipeline, PipelineConfig, PipelineError, PoseBuffer,
+                                   clip_indices, make_preprocess_config, pose_matrix, resolve_model_path)
+from zeroflow_ros.visualization import arrow_segments, speed_colors
+
+ROOT = Path(__file__).resolve().parents[1]
+KITTI = ROOT / 'data' / 'samples' / 'kitti_raw_sfnd_seq' / 'velodyne_points' / 'data'
+
+
+def make_tiny_model(path: Path) -> Path:
+    """A randomly initialised FastFlow3D small enough for CPU tests (output still depends on both sweeps)."""
+    import torch
+
+    from zeroflow_ros.model import build_model, get_config, save_checkpoint
+    torch.manual_seed(0)
+    cfg = get_config('cpu_small', pillar_size=0.8, embed_channels=8, stage_channels=(8, 16),
+                     stage_blocks=(1, 1), head_hidden=8)
+    model = build_model(cfg)
+    # Non-trivial BN statistics so eval-mode output is not a near-constant.
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return save_checkpoint(path, model)
+
+
+@pytest.fixture(scope='module')
+def backend(tmp_path_factory):
+    from zeroflow_ros.backends import create_backend
+    model = make_tiny_model(tmp_path_factory.mktemp('model') / 'model.pt')
+    return create_backend(str(model), backend='torch', device='cpu', threads=1)
+
+
+class Recorder:
+    """Wraps a real backend and keeps the inputs of each call (to check what the pipeline fed it)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.calls: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def infer(self, p0, p1):
+        self.calls.append((p0.copy(), p1.copy()))
+        return self.inner.infer(p0, p1)
+
+    def describe(self):
+        return self.inner.describe()
+
+
+def kitti(i: int, n: int = 30000) -> np.ndarray:
+    pts = np.fromfile(KITTI / f'{i:010d}.bin', np.float32).reshape(-1, 4)[:, :3]
+    return np.ascontiguousarray(pts[:: max(1, len(pts) // n)][:n])
+
+
+def offline_flow(backend, cfg: PipelineConfig, p0, p1, ego1_T_ego0):
+    """What `zeroflow predict` computes for one pair: prepare_pair + infer + scatter."""
+    prep = preprocess.prepare_pair(p0, p1, ego1_T_ego0, make_preprocess_config(cfg))
+    flow_k, valid_k = backend.infer(prep.pc0, prep.pc1)
+    flow = np.zeros((len(p0), 3), np.float32)
+    valid = np.zeros(len(p0), bool)
+    flow[prep.mask0] = np.where(valid_k[:, None], flow_k, 0)
+    valid[prep.mask0] = valid_k
+    return flow, valid, prep
+
+
+# ------------------------------------------------------------------------------------------ poses
+
+def test_pose_buffer_matches_scipy_slerp_and_lerp():
+    rng = np.random.default_rng(1)
+    stamps = np.array([0, 100, 230, 300]) * 1_000_000
+    rots = Rotation.random(4, random_state=2)
+    pos = rng.normal(size=(4, 3)) * 5
+    buf = PoseBuffer()
+    for s, r, p in zip(stamps, rots, pos):
+        x, y, z, w = r.as_quat()
+        buf.add(int(s), p, (w, x, y, z))
+    ref = Slerp(stamps, rots)
+    for s in (0, 50_000_000, 99_999_999, 150_000_000, 229_000_000, 300_000_000):
+        T = buf.interpolate(s)
+        assert np.allclose(T[:3, :3], ref(s).as_matrix(), atol=1e-9)
+        assert np.allclose(T[:3, 3], [np.interp(s, stamps, pos[:, k]) for k in range(3)], atol=1e-9)
+    assert buf.interpolate(-1) is None and buf.interpolate(300_000_001) is None
+
+
+def test_pose_buffer_extrinsic_and_loop_reset():
+    base_T_sensor = geometry.yaw_transform(0.3, (1.2, 0.0, 1.8))
+    buf = PoseBuffer(base_T_sensor=base_T_sensor)
+    buf.add(10, (1, 2, 3), (1, 0, 0, 0))
+    buf.add(20, (2, 2, 3), (1, 0, 0, 0))
+    T = buf.interpolate(15)
+    assert np.allclose(T, geometry.make_transform(np.eye(3), (1.5, 2, 3)) @ base_T_sensor)
+    buf.add(5, (0, 0, 0), (1, 0, 0, 0))  # bag loop: time went backwards
+    assert len(buf) == 1 and buf.interpolate(15) is None
+    with pytest.raises(PipelineError, match='not finite'):
+        buf.add(30, (np.nan, 0, 0), (1, 0, 0, 0))
+    assert buf.wait_for(1, 0.01) is None  # older than the buffer: returns at once
+
+
+# ------------------------------------------------------------------------------------------- flow
+
+def test_flow_equals_offline_prediction_and_scatter(backend):
+    cfg = PipelineConfig(ego_motion='none', ground_removal='geometric', dynamic_threshold_mps=0.5)
+    pipe = Pipeline(cfg, backend=backend)
+    p0, p1 = kitti(0), kitti(1)
+    p0[::97] = np.nan  # non-finite points are not scored and get zero flow
+    assert pipe.step(p0, 1_000_000_000, frame_id='velo', tag='h0') is None
+    frame = pipe.step(p1, 1_100_000_000, frame_id='velo', tag='h1')
+    assert isinstance(frame, FlowFrame) and frame.tag == 'h0'
+    flow, valid, prep = offline_flow(backend, cfg, p0, p1, np.eye(4))
+    assert frame.flow.shape == (len(p0), 3) and frame.flow.dtype == np.float32
+    assert np.abs(frame.flow - flow).max() <= 1e-5
+    assert np.array_equal(frame.valid, valid)
+    assert prep.mask0.sum() < len(p0) and valid.sum() > 1000  # ground/out-of-range exist, many scored
+    assert not frame.flow[~frame.valid].any() and not frame.is_dynamic[~frame.valid].any()
+    assert np.isclose(frame.dt_s, 0.1)
+    assert np.allclose(frame.speed, np.linalg.norm(flow, axis=1) / 0.1, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(frame.is_dynamic, valid & (frame.speed >= 0.5))
+    assert set(frame.timings_ms) == {'preprocess', 'inference', 'postprocess', 'total'}
+    assert frame.timings_ms['total'] >= frame.timings_ms['inference'] > 0
+
+
+def test_odometry_ego_compensation_static_scene(backend):
+    """A static world seen from two known poses: sweep t+1 brought into ego0 must land on sweep t."""
+    rng = np.random.default_rng(3)
+    world_T_ego0 = geometry.make_transform(Rotation.from_euler('zyx', [0.4, 0.01, -0.02]).as_matrix(),
+                                           (100.0, -20.0, 0.5))
+    world = geometry.transform_points(world_T_ego0, rng.uniform([-30, -30, -1], [30, 30, 2], (4000, 3)))
+    world_T_ego1 = world_T_ego0 @ geometry.yaw_transform(0.05, (1.3, 0.1, 0.0))  # ~13 m/s, turning
+    p0 = geometry.transform_points(geometry.invert(world_T_ego0), world).astype(np.float32)
+    p1 = geometry.transform_points(geometry.invert(world_T_ego1), world).astype(np.float32)
+    keep = preprocess.PreprocessConfig(ground='none').in_range(p0) & \
+        preprocess.PreprocessConfig(ground='none').in_range(p1)
+    p0, p1 = p0[keep], p1[keep]
+    rec = Recorder(backend)
+    pipe = Pipeline(PipelineConfig(ego_motion='odometry', ground_removal='none'), backend=rec)
+    pipe.step(p0, 0, world_T_ego0)
+    frame = pipe.step(p1, 100_000_000, world_T_ego1)
+    pc0, pc1 = rec.calls[0]
+    assert len(pc0) == len(pc1) == len(p0)
+    assert np.abs(pc1 - pc0).max() < 1e-4
+    assert np.allclose(frame.ego1_T_ego0, geometry.invert(world_T_ego1) @ world_T_ego0, atol=1e-9)
+    # same as running the backend on the pair compensated by the true motion
+    flow, valid, _ = offline_flow(backend, pipe.config, p0, p1, geometry.invert(world_T_ego1) @ world_T_ego0)
+    assert np.abs(frame.flow - flow).max() <= 1e-5
+    with pytest.raises(PipelineError, match='no odometry'):
+        pipe.step(p1, 200_000_000, None)
+
+
+def test_no_ego_motion_feeds_raw_clouds(backend):
+    rec = Recorder(backend)
+    pipe = Pipeline(PipelineConfig(ego_motion='none', ground_removal='none'), backend=rec)
+    a, b = kitti(2, 5000), kitti(3, 5000)
+    pipe.step(a, 0)
+    pipe.step(b, 100_000_000)
+    inside = preprocess.PreprocessConfig(ground='none').in_range
+    assert np.array_equal(rec.calls[0][0], a[inside(a)]) and np.array_equal(rec.calls[0][1], b[inside(b)])
+
+
+# ---------------------------------------------------------------------------- pairing and bad input
+
+def test_resets_gap_backwards_frame_change(backend):
+    pipe = Pipeline(PipelineConfig(ego_motion='none', max_sweep_gap_s=0.25), backend=backend)
+    a = kitti(4, 3000)
+    t = 5_000_000_000
+    assert pipe.step(a, t, frame_id='velo') is None
+    assert pipe.step(a, t + 100_000_000, frame_id='velo') is not None
+    assert pipe.step(a, t + 400_000_000, frame_id='velo') is None and pipe.last_reset_reason == 'gap'
+    assert pipe.step(a, t + 300_000_000, frame_id='velo') is None and pipe.last_reset_reason == 'stamp_backwards'
+    assert pipe.step(a, t + 300_000_000, frame_id='velo') is None  # duplicate stamp
+    assert pipe.step(a, t + 400_000_000, frame_id='other') is None
+    assert pipe.last_reset_reason == 'frame_id_changed'
+    f = pipe.step(a, t + 500_000_000, frame_id='other')
+    assert f is not None and pipe.last_reset_reason is None and f.stamp_ns == t + 400_000_000
+    assert pipe.counters.resets == {'gap': 1, 'stamp_backwards': 2, 'frame_id_changed': 1}
+
+
+@pytest.mark.parametrize('bad, kind', [
+    (np.zeros((0, 3), np.float32), 'empty'),
+    (np.full((100, 3), np.nan, np.float32), 'all_nan'),
+    (np.zeros((10, 4), np.float32), 'shape'),
+    (np.zeros(30, np.float32), 'shape'),
+    (np.zeros((1001, 3), np.float32), 'too_many_points'),
+])
+def test_bad_sweep_raises_and_keeps_previous(backend, bad, kind):
+    pipe = Pipeline(PipelineConfig(ego_motion='none', max_points=1000), backend=backend)
+    a = kitti(5, 1000)
+    pipe.step(a, 0)
+    with pytest.raises(PipelineError) as err:
+        pipe.step(bad, 100_000_000)
+    assert err.value.kind == kind and isinstance(err.value, ValueError)
+    f = pipe.step(a, 200_000_000)  # pairs with the sweep before the bad one
+    assert f is not None and f.stamp_ns == 0 and np.isclose(f.dt_s, 0.2)
+
+
+def test_config_validation_names_field():
+    with pytest.raises(PipelineError, match='ego_motion'):
+        PipelineConfig(ego_motion='gps')
+    with pytest.raises(PipelineError, match='point_range_m'):
+        PipelineConfig(point_range_m=(0, 0, 0, -1, 1, 1))
+    c = PipelineConfig.from_dict({'backend': 'torch', 'publish_markers': True, 'point_range_m': [-1, -1, -1, 1, 1, 1]})
+    assert c.backend == 'torch' and c.point_range_m == (-1.0, -1.0, -1.0, 1.0, 1.0, 1.0)
+    assert dataclasses.is_dataclass(c)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.backend = 'onnxruntime'
+
+
+def test_clip_indices_keeps_order_and_coverage():
+    assert clip_indices(10, 10) is None
+    idx = clip_indices(2_000_000, 200_000)
+    assert len(idx) == 200_000 and np.all(np.diff(idx) > 0) and idx[0] == 0 and idx[-1] >= 1_999_990
+    gaps = np.diff(idx)
+    assert gaps.min() == gaps.max() == 10
+
+
+def test_resolve_model_path(tmp_path, monkeypatch):
+    assert resolve_model_path(str(tmp_path)) == str(tmp_path.resolve())
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PipelineError, match='not found'):
+        resolve_model_path('models/does_not_exist')
+    # package-relative: found in the source tree from any working directory
+    assert resolve_model_path('config/zeroflow.param.yaml') == str(ROOT / 'config' / 'zeroflow.param.yaml')
+
+
+# -------------------------------------------------------------------------------------- markers
+
+def test_arrow_segments_brute_force():
+    rng = np.random.default_rng(7)
+    pts = rng.normal(size=(50, 3)).astype(np.float32)
+    flow = rng.normal(size=(50, 3)).astype(np.float32)
+    speed = np.linalg.norm(flow, axis=1) * 10
+    dyn = speed > 8
+    verts, rgb = arrow_segments(pts, flow, speed, dyn, decimation=2, length_scale=2.0, max_speed=20.0)
+    expect = [i for i in range(50) if dyn[i]][::2]
+    assert len(verts) == 2 * len(expect) == len(rgb)
+    for k, i in enumerate(expect):
+        assert np.allclose(verts[2 * k], pts[i]) and np.allclose(verts[2 * k + 1], pts[i] + 2 * flow[i])
+        assert np.allclose(rgb[2 * k], rgb[2 * k + 1])
+    assert len(arrow_segments(pts, flow, speed, dyn, max_arrows=3)[0]) == 6
+    c = speed_colors(np.array([0.0, 20.0, 99.0]), 20.0)
+    assert np.allclose(c[0], [0, 0.2, 1]) and np.allclose(c[1], [1, 0.1, 0]) and np.allclose(c[2], c[1])
+    with pytest.raises(ValueError, match='decimation'):
+        arrow_segments(pts, flow, speed, dyn, decimation=0)
+
+
+def test_pose_matrix_roundtrip():
+    R = Rotation.from_euler('xyz', [0.1, -0.2, 0.3]).as_matrix()
+    q = geometry.matrix_to_quat(R)
+    assert np.allclose(pose_matrix((1, 2, 3), q), geometry.make_transform(R, (1, 2, 3)))
