@@ -246,3 +246,139 @@ def test_bucketed_hand_values():
     # speed 0.04 exactly starts the second bucket (buckets are [lo, hi)).
     edges = speed_bucket_edges()
     assert len(edges) == 52 and edges[1] == pytest.approx(0.04) and edges[-2] == 2.0 and np.isinf(edges[-1])
+
+
+# --- end to end: predict -> eval against av2's evaluation on the same ground truth --------------
+
+def _av2_annotations(data: Path, split: str, anno: Path) -> None:
+    """Annotation files in av2's format (its own write_annotation) from the synthetic GT, mask by hand.
+
+    The mask is av2's compute_eval_point_mask rule written out for this scene: non-ground (the flat map
+    raster at -1.8 m makes ground exactly ``z <= -1.5``) and ``|x|, |y| <= 50``.
+    """
+    anno.mkdir(parents=True, exist_ok=True)
+    for log_dir in sorted((data / split).iterdir()):
+        for f in sorted((log_dir / 'scene_flow').glob('*.feather')):
+            gt = pd.read_feather(f)
+            lidar = pd.read_feather(log_dir / 'sensors' / 'lidar' / f.name)
+            pts = lidar[['x', 'y', 'z']].to_numpy()
+            mask = (np.abs(pts[:, 0]) <= 50) & (np.abs(pts[:, 1]) <= 50) & (pts[:, 2] > -1.5)
+            close = np.all(np.abs(pts[mask, :2]) <= 35, axis=1)
+            flow = gt[['flow_tx_m', 'flow_ty_m', 'flow_tz_m']].to_numpy()[mask]
+            cats, dyn, valid = (gt[c].to_numpy()[mask]
+                                for c in ('category_indices', 'is_dynamic', 'is_valid'))
+            av2.anno.write_annotation(cats, close, dyn, valid, flow, (log_dir.name, int(f.stem)), anno)
+
+
+def _masked_predictions(pred: Path, anno: Path, data: Path, split: str, out: Path) -> None:
+    """Prediction files holding only the evaluated rows (the format av2's evaluator reads)."""
+    for a in sorted(anno.rglob('*.feather')):
+        log_id, ts = a.parent.name, a.stem
+        pts = pd.read_feather(data / split / log_id / 'sensors' / 'lidar' / f'{ts}.feather')[['x', 'y', 'z']]
+        pts = pts.to_numpy()
+        mask = (np.abs(pts[:, 0]) <= 50) & (np.abs(pts[:, 1]) <= 50) & (pts[:, 2] > -1.5)
+        df = pd.read_feather(pred / log_id / f'{ts}.feather')[mask].reset_index(drop=True)
+        (out / log_id).mkdir(parents=True, exist_ok=True)
+        df.to_feather(out / log_id / f'{ts}.feather')
+
+
+@pytest.fixture(scope='module')
+def synth(tmp_path_factory):
+    """Two hand-built logs (map raster, exact GT), predictions of ego / zero / nn, av2 annotation files."""
+    from test_predict import _predict, make_av2_log
+    root = tmp_path_factory.mktemp('e2e')
+    data = root / 'data'
+    make_av2_log(data, log_id='log-a', n_sweeps=3, seed=0)
+    make_av2_log(data, log_id='log-b', n_sweeps=2, seed=1)
+    for m in ('ego', 'zero', 'nn'):
+        _predict(data, root / m, m)
+    _av2_annotations(data, 'val', root / 'anno')
+    return root
+
+
+@pytest.mark.parametrize('method', ['ego', 'zero', 'nn'])
+def test_end_to_end_parity_with_av2(synth, method):
+    from zeroflow_ros.eval.evaluate import evaluate
+    res = evaluate(synth / method, synth / 'data', 'val')
+    assert res.num_pairs == 3
+    _masked_predictions(synth / method, synth / 'anno', synth / 'data', 'val', synth / f'{method}_masked')
+    ref = av2_results(synth / 'anno', synth / f'{method}_masked')
+    assert_same(res.threeway, ref)
+    # Challenge-format input (masked rows) scores the same.
+    res2 = evaluate(synth / f'{method}_masked', synth / 'data', 'val')
+    assert_same(res2.threeway, ref)
+
+
+def test_end_to_end_known_values(synth):
+    """Ego flow: static scenery exact; the car (12.4 m/s) entirely missed -> normalised dynamic EPE = 1."""
+    from zeroflow_ros.eval.evaluate import evaluate
+    res = evaluate(synth / 'ego', synth / 'data', 'val')
+    assert res.threeway['EPE/Background/Static'] < 1e-3
+    assert res.threeway['EPE/Foreground/Static'] < 1e-3      # the parked car and the sign
+    car_speed = float(np.hypot(1.2, 0.3))
+    assert res.threeway['EPE/Foreground/Dynamic'] == pytest.approx(car_speed, abs=2e-3)  # float16 GT
+    assert res.threeway['Dynamic IoU'] == 0.0
+    per = res.bucketed.per_class()
+    assert per['CAR'][1] == pytest.approx(1.0, abs=1e-5)
+    assert per['BACKGROUND'][0] == pytest.approx(0.0, abs=1e-5)
+    assert per['CAR'][0] == pytest.approx(0.0, abs=1e-5)             # parked car, static bucket
+    assert math.isnan(per['PEDESTRIAN'][1])
+    nn = evaluate(synth / 'nn', synth / 'data', 'val')
+    assert nn.threeway['EPE/Background/Static'] < 1e-3   # same samples in both sweeps
+    assert nn.threeway['Dynamic IoU'] > 0.5
+
+
+def test_cli_writes_table_json_png(synth, capsys):
+    import json
+    from zeroflow_ros.cli import main
+    out = synth / 'report'
+    assert main(['eval', str(synth / 'nn'), str(synth / 'data'), '--split', 'val', '--out', str(out)]) == 0
+    text = capsys.readouterr().out
+    assert 'EPE 3-Way Average' in text and 'WHEELED_VRU' in text
+    d = json.loads((out / 'metrics.json').read_text())
+    assert d['num_pairs'] == 3 and d['threeway']['EPE 3-Way Average'] is not None
+    png = (out / 'bucketed_epe.png').read_bytes()
+    assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 10_000
+
+
+def _corrupt(src: Path, dst: Path, fn) -> Path:
+    import shutil
+    shutil.copytree(src, dst)
+    f = sorted(dst.rglob('*.feather'))[1]
+    fn(f)
+    return f
+
+
+@pytest.mark.parametrize('kind,match', [
+    ('missing', 'prediction missing'),
+    ('rows', r'rows, expected \d+ \(one per lidar point\)'),
+    ('nan', 'NaN/inf flow'),
+    ('column', r"missing columns \['flow_ty_m'\]"),
+    ('dtype', 'is_dynamic must be bool'),
+    ('garbage', 'cannot read as feather'),
+])
+def test_bad_predictions_name_the_file(synth, tmp_path, kind, match):
+    from zeroflow_ros.eval.evaluate import EvalError, evaluate
+
+    def damage(f: Path) -> None:
+        if kind == 'missing':
+            f.unlink()
+            return
+        if kind == 'garbage':
+            f.write_bytes(b'not a feather file')
+            return
+        df = pd.read_feather(f)
+        if kind == 'rows':
+            df = df.iloc[:-3].reset_index(drop=True)
+        elif kind == 'nan':
+            mask = (df.index.to_numpy() % 7) == 0
+            df.loc[mask, 'flow_tx_m'] = np.nan
+        elif kind == 'column':
+            df = df.drop(columns=['flow_ty_m'])
+        elif kind == 'dtype':
+            df['is_dynamic'] = df['is_dynamic'].astype(np.uint8)
+        df.to_feather(f)
+    f = _corrupt(synth / 'ego', tmp_path / 'bad', damage)
+    with pytest.raises(EvalError, match=match) as exc:
+        evaluate(tmp_path / 'bad', synth / 'data', 'val')
+    assert str(f.relative_to(tmp_path / 'bad')) in str(exc.value)

@@ -28,16 +28,20 @@ CAR_STEP = np.array([1.2, 0.3, 0.0])   # city-frame motion of the car per sweep 
 
 
 def _surface_points(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """City-frame points: ground, two walls, a car; returns points, category index, is_ground."""
+    """City-frame points: ground, walls, a moving and a parked car, a sign; category, is_ground, moving."""
     ground = np.c_[rng.uniform(-40, 40, (600, 2)), np.full(600, -1.8)]
     wall1 = np.c_[rng.uniform(-30, 30, 250), np.full(250, 12.0), rng.uniform(-1.5, 3.0, 250)]
     wall2 = np.c_[np.full(200, 25.0), rng.uniform(-20, 10, 200), rng.uniform(-1.5, 3.0, 200)]
     car = np.c_[rng.uniform(6, 10.5, 150), rng.uniform(-4, -2.2, 150), rng.uniform(-1.5, 0.0, 150)]
     far = np.c_[rng.uniform(52, 70, 40), rng.uniform(-5, 5, 40), rng.uniform(-1, 2, 40)]  # outside 50 m box
-    pts = np.concatenate([ground, wall1, wall2, car, far])
-    cats = np.r_[np.zeros(600 + 250 + 200), np.full(150, 19), np.zeros(40)].astype(np.uint8)
-    is_ground = np.r_[np.ones(600, bool), np.zeros(250 + 200 + 150 + 40, bool)]
-    return pts, cats, is_ground
+    parked = np.c_[rng.uniform(-12, -8, 80), rng.uniform(4, 6, 80), rng.uniform(-1.4, 0.0, 80)]
+    sign = np.c_[rng.uniform(-3, -2.9, 20), rng.uniform(30, 30.5, 20), rng.uniform(0.0, 2.0, 20)]  # 'far'
+    pts = np.concatenate([ground, wall1, wall2, car, far, parked, sign])
+    cats = np.r_[np.zeros(600 + 250 + 200), np.full(150, 19), np.zeros(40), np.full(80, 19),
+                 np.full(20, 21)].astype(np.uint8)
+    is_ground = np.r_[np.ones(600, bool), np.zeros(len(pts) - 600, bool)]
+    moving = np.r_[np.zeros(1050, bool), np.ones(150, bool), np.zeros(140, bool)]
+    return pts, cats, is_ground, moving
 
 
 def make_av2_log(root: Path, split: str = 'val', log_id: str = LOG_ID, n_sweeps: int = 3, seed: int = 0,
@@ -48,8 +52,7 @@ def make_av2_log(root: Path, split: str = 'val', log_id: str = LOG_ID, n_sweeps:
     file layout, so ground is the map rule (``z <= -1.5``) and exactly known.
     """
     rng = np.random.default_rng(seed)
-    base, cats, is_ground = _surface_points(rng)
-    moving = cats == 19
+    base, cats, is_ground, moving = _surface_points(rng)
     log_dir = root / split / log_id
     (log_dir / 'sensors' / 'lidar').mkdir(parents=True)
     (log_dir / 'scene_flow').mkdir()
@@ -78,7 +81,7 @@ def make_av2_log(root: Path, split: str = 'val', log_id: str = LOG_ID, n_sweeps:
             pd.DataFrame({'flow_tx_m': flow[:, 0], 'flow_ty_m': flow[:, 1], 'flow_tz_m': flow[:, 2],
                           'is_valid': np.ones(len(ego), bool), 'is_dynamic': moving[order],
                           'is_ground': is_ground[order], 'category_indices': cats[order],
-                          'instance_id': np.where(moving[order], 1, -1).astype(np.int32)}).to_feather(
+                          'instance_id': np.where(cats[order] > 0, 1, -1).astype(np.int32)}).to_feather(
                 log_dir / 'scene_flow' / f'{ts}.feather')
     pd.DataFrame(rows).to_feather(log_dir / 'city_SE3_egovehicle.feather')
     return poses
