@@ -1,0 +1,569 @@
+"""Synthetic lidar sequences in the Argoverse 2 sensor layout, with exact scene-flow ground truth.
+
+A procedural urban scene (:mod:`training.data.scene`) is swept by a spinning multi-beam lidar
+(:mod:`training.data.raycast`) at 10 Hz, and each log is written as AV2 writes its sensor
+dataset, plus a ``scene_flow/`` folder with the ground truth::
+
+    OUT/<split>/<log_id>/
+      sensors/lidar/<ts_ns>.feather     x, y, z (float32, ego frame), intensity, laser_number (uint8), offset_ns (int32)
+      city_SE3_egovehicle.feather       one pose per sweep
+      annotations.feather               cuboids of every track at every sweep (ego frame), av2 columns
+      calibration/egovehicle_SE3_sensor.feather   'up_lidar' = the simulated sensor's mount
+      map/<log_id>_ground_height_surface____SYN.npy, <log_id>___img_Sim2_city.json,
+          log_map_archive_<log_id>____SYN_city_<n>.json
+      scene_flow/<ts_ns>.feather        GT of the pair (ts, next ts); absent for the last sweep
+      synth.json                        generator version, seed and settings
+
+Conventions and simplifications (say them out loud, they matter for what a model can learn):
+
+* **Lidar frame = ego frame, no motion distortion.** Every ray of a sweep is cast at the
+  sweep timestamp; ``offset_ns`` records the spin time of the ray's column as a real sensor
+  would, but points are not de-skewed because they were never skewed.
+* Ego frame as AV2: x forward, y left, z up, origin on the ground under the rear axle; the
+  sensor sits at ``LidarConfig.sensor_xyz`` (default 1.35, 0, 1.8 m).
+* **Ground truth is the official AV2 rule, reimplemented in numpy** (av2
+  ``Flow.from_sweep_pair``): each cuboid of sweep t, length and width grown by 0.2 m, claims
+  the points inside it (av2's vertex test, same arithmetic); they move with the cuboid's rigid
+  motion ``c1_SE3_c0`` when the track exists at t+1, else ``is_valid`` is False; everything
+  else gets the ego motion ``ego1_T_ego0 p - p``; ``is_dynamic = |flow - rigid| >= 0.05``;
+  ``category_indices`` from av2's ``CATEGORY_TO_INDEX``; a point in several cuboids takes the
+  last one in annotation order, as in av2. ``is_ground`` is the simulator's knowledge (the ray
+  hit the road, a sidewalk or a curb); ``instance_id`` is the object whose surface the ray hit
+  (-1 for the unannotated static world).
+* Cuboids are annotated for every track whose centre lies within ``max_range`` of the ego.
+* Intensity is plausible, not physical: surface reflectivity, range fall-off and noise.
+
+Splits and seeds: ``train`` log i uses seed ``S + i``; ``val`` log i uses seed
+``VAL_SEED_BASE + i`` (1,000,000 + i), a range ``train`` never reaches for sane ``S``.
+Output is bit-identical for a given seed and settings.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from zeroflow_ros.core.geometry import matrix_to_quat
+
+from .raycast import Primitives, cast, default_elevations
+from .scene import Agent, Scene, SceneConfig, generate_scene
+
+log = logging.getLogger(__name__)
+
+GENERATOR_VERSION = 1
+VAL_SEED_BASE = 1_000_000
+TIMESTAMP_BASE_NS = 315_000_000_000_000_000
+SWEEP_PERIOD_NS = 100_000_000
+CITY = 'SYN'
+RASTER_RES_M = 0.3
+
+# av2.torch.structures.flow
+BOUNDING_BOX_EXPANSION = 0.2
+# av2.evaluation.scene_flow.constants
+SCENE_FLOW_DYNAMIC_THRESHOLD = 0.05
+CATEGORY_TO_INDEX: dict[str, int] = {k: i for i, k in enumerate((
+    'NONE', 'ANIMAL', 'ARTICULATED_BUS', 'BICYCLE', 'BICYCLIST', 'BOLLARD', 'BOX_TRUCK', 'BUS',
+    'CONSTRUCTION_BARREL', 'CONSTRUCTION_CONE', 'DOG', 'LARGE_VEHICLE', 'MESSAGE_BOARD_TRAILER',
+    'MOBILE_PEDESTRIAN_CROSSING_SIGN', 'MOTORCYCLE', 'MOTORCYCLIST', 'OFFICIAL_SIGNALER', 'PEDESTRIAN',
+    'RAILED_VEHICLE', 'REGULAR_VEHICLE', 'SCHOOL_BUS', 'SIGN', 'STOP_SIGN', 'STROLLER',
+    'TRAFFIC_LIGHT_TRAILER', 'TRUCK', 'TRUCK_CAB', 'VEHICULAR_TRAILER', 'WHEELCHAIR', 'WHEELED_DEVICE',
+    'WHEELED_RIDER'))}
+
+ANNOTATION_COLUMNS = ('timestamp_ns', 'track_uuid', 'category', 'length_m', 'width_m', 'height_m',
+                      'qw', 'qx', 'qy', 'qz', 'tx_m', 'ty_m', 'tz_m', 'num_interior_pts')
+
+
+class SynthError(ValueError):
+    """Bad simulator settings or output location (names the setting/path and what was expected)."""
+
+
+@dataclass(frozen=True)
+class LidarConfig:
+    """Spinning lidar. Defaults: 32 beams with VLP-32C angles (-25..15 deg) x 1800 azimuths, 10 Hz."""
+    beams: int = 32
+    azimuths: int = 1800
+    elevations_deg: tuple[float, ...] | None = None     # None: VLP-32C-like profile for `beams`
+    max_range_m: float = 100.0
+    range_noise_m: float = 0.02
+    dropout: float = 0.02            # base probability a return is lost
+    sensor_xyz: tuple[float, float, float] = (1.35, 0.0, 1.8)
+
+    def validate(self) -> None:
+        if self.beams < 1 or self.beams > 256:
+            raise SynthError(f'lidar beams: expected 1..256, got {self.beams}')
+        if self.azimuths < 8 or self.azimuths > 20000:
+            raise SynthError(f'lidar azimuths: expected 8..20000, got {self.azimuths}')
+        if self.elevations_deg is not None and len(self.elevations_deg) != self.beams:
+            raise SynthError(f'lidar elevations_deg: expected {self.beams} angles, got {len(self.elevations_deg)}')
+        if not 5.0 <= self.max_range_m <= 500.0:
+            raise SynthError(f'lidar max_range_m: expected 5..500 m, got {self.max_range_m}')
+        if not 0.0 <= self.dropout < 1.0:
+            raise SynthError(f'lidar dropout: expected [0, 1), got {self.dropout}')
+        if self.range_noise_m < 0:
+            raise SynthError(f'lidar range_noise_m: expected >= 0, got {self.range_noise_m}')
+
+    def elevations(self) -> np.ndarray:
+        e = default_elevations(self.beams) if self.elevations_deg is None else np.asarray(self.elevations_deg, float)
+        return np.sort(e)
+
+    def ray_grid(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Unit directions (ego frame), laser numbers and column index, in firing order.
+
+        Columns sweep clockwise from straight behind (azimuth +pi), as a Velodyne spins; within a
+        column the beams go bottom to top.
+        """
+        el = np.deg2rad(self.elevations())
+        az = np.pi - 2 * np.pi * np.arange(self.azimuths) / self.azimuths
+        A, E = np.meshgrid(az, el, indexing='ij')          # (azimuths, beams)
+        d = np.stack([np.cos(E) * np.cos(A), np.cos(E) * np.sin(A), np.sin(E)], axis=-1).reshape(-1, 3)
+        laser = np.tile(np.arange(self.beams), self.azimuths)
+        column = np.repeat(np.arange(self.azimuths), self.beams)
+        return d, laser, column
+
+
+@dataclass
+class Sweep:
+    timestamp_ns: int
+    points: np.ndarray          # (N,3) float32 ego frame
+    intensity: np.ndarray       # (N,) uint8
+    laser_number: np.ndarray    # (N,) uint8
+    offset_ns: np.ndarray       # (N,) int32
+    is_ground: np.ndarray       # (N,) bool
+    instance_id: np.ndarray     # (N,) int32
+
+
+@dataclass
+class SynthLog:
+    log_id: str
+    seed: int
+    scene: Scene
+    timestamps: np.ndarray                  # (T,) int64
+    city_T_ego: np.ndarray                  # (T,4,4)
+    sweeps: list[Sweep]
+    annotations: 'object'                   # pandas.DataFrame, av2 columns
+    flows: list[dict[str, np.ndarray]] = field(default_factory=list)
+
+
+def log_id_for_seed(seed: int) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f'zeroflow-synth/log/{int(seed)}'))
+
+
+def timestamps_for_seed(seed: int, sweeps: int) -> np.ndarray:
+    start = TIMESTAMP_BASE_NS + (int(seed) % 100_000_000) * 1_000_000_000
+    return start + SWEEP_PERIOD_NS * np.arange(sweeps, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- av2 rule in numpy
+
+def quat_wxyz_to_mat(q: np.ndarray) -> np.ndarray:
+    """As av2.geometry.geometry.quat_to_mat (scipy, normalising), so masks agree bit for bit."""
+    from scipy.spatial.transform import Rotation
+    q = np.asarray(q, dtype=np.float64)
+    return Rotation.from_quat(q[..., [1, 2, 3, 0]]).as_matrix()
+
+
+_UNIT_VERTICES = np.array([[+1, +1, +1], [+1, -1, +1], [+1, -1, -1], [+1, +1, -1],
+                           [-1, +1, +1], [-1, -1, +1], [-1, -1, -1], [-1, +1, -1]])
+
+
+def cuboid_interior_mask(points: np.ndarray, R: np.ndarray, t: np.ndarray, lwh: np.ndarray) -> np.ndarray:
+    """av2 ``Cuboid.compute_interior_points`` mask, same operations in the same order."""
+    vertices_obj = (np.stack([lwh[0], lwh[1], lwh[2]]) / 2.0) * _UNIT_VERTICES
+    v = vertices_obj @ R.T + t
+    vertices = np.stack((v[6], v[3], v[1]))
+    ref = v[2]
+    uvw = ref - vertices
+    sim_points = points @ uvw.transpose()
+    sim_ref = uvw @ ref
+    sim_vertices = np.diag(uvw @ vertices.transpose())
+    a = np.logical_and(sim_ref <= sim_points, sim_points <= sim_vertices)
+    b = np.logical_and(sim_ref >= sim_points, sim_points >= sim_vertices)
+    return np.logical_or(a, b).all(axis=1)
+
+
+def _se3(R: np.ndarray, t: np.ndarray) -> np.ndarray:
+    T = np.eye(4)
+    T[:3, :3] = R
+    T[:3, 3] = t
+    return T
+
+
+def _se3_inverse(T: np.ndarray) -> np.ndarray:
+    R, t = T[:3, :3], T[:3, 3]
+    return _se3(R.T, R.T.dot(-t))
+
+
+class _PointIndex:
+    """Candidate points near a cuboid (kd-tree ball query), so av2's exact vertex test runs only
+    on points that can pass it."""
+
+    def __init__(self, points: np.ndarray):
+        from scipy.spatial import cKDTree
+        self.tree = cKDTree(points.astype(np.float64)) if len(points) else None
+
+    def near(self, center: np.ndarray, lwh: np.ndarray) -> np.ndarray:
+        if self.tree is None:
+            return np.zeros(0, dtype=np.int64)
+        r = 0.5 * float(np.linalg.norm(lwh)) + 0.01
+        return np.sort(np.asarray(self.tree.query_ball_point(center, r), dtype=np.int64))
+
+
+def interior_mask(points: np.ndarray, index: _PointIndex, R: np.ndarray, t: np.ndarray,
+                  lwh: np.ndarray) -> np.ndarray:
+    mask = np.zeros(len(points), dtype=bool)
+    cand = index.near(t, lwh)
+    if len(cand):
+        mask[cand] = cuboid_interior_mask(points[cand], R, t, lwh)
+    return mask
+
+
+def av2_flow_labels(points: np.ndarray, cuboids0, cuboids1, ego1_T_ego0: np.ndarray,
+                    index: _PointIndex | None = None) -> dict[str, np.ndarray]:
+    """Scene-flow labels of av2 ``Flow.from_sweep_pair`` for float32 ``points`` of sweep t.
+
+    ``cuboids0/1``: annotation rows (pandas) at t and t+1, in file order. Rigid flow is computed
+    in float64 (av2 uses float32 poses; the difference is ~1e-6 m).
+    """
+    pts = np.asarray(points, dtype=np.float32)
+    index = index or _PointIndex(pts)
+    p64 = pts.astype(np.float64)
+    rigid = ((p64 @ ego1_T_ego0[:3, :3].T + ego1_T_ego0[:3, 3]) - p64).astype(np.float32)
+    flow = rigid.copy()
+    n = len(pts)
+    is_valid = np.ones(n, dtype=bool)
+    category = np.zeros(n, dtype=np.uint8)
+    quat_cols = ['qw', 'qx', 'qy', 'qz']
+    trans_cols = ['tx_m', 'ty_m', 'tz_m']
+    R1s = quat_wxyz_to_mat(cuboids1[quat_cols].to_numpy(np.float64)) if len(cuboids1) else np.zeros((0, 3, 3))
+    t1s = cuboids1[trans_cols].to_numpy(np.float64)
+    nxt = {u: i for i, u in enumerate(cuboids1['track_uuid'].tolist())}
+    R0s = quat_wxyz_to_mat(cuboids0[quat_cols].to_numpy(np.float64)) if len(cuboids0) else np.zeros((0, 3, 3))
+    t0s = cuboids0[trans_cols].to_numpy(np.float64)
+    lwh0 = cuboids0[['length_m', 'width_m', 'height_m']].to_numpy(np.float64)
+    for i, (uid, cat) in enumerate(zip(cuboids0['track_uuid'].tolist(), cuboids0['category'].tolist())):
+        lwh = np.array([lwh0[i, 0] + BOUNDING_BOX_EXPANSION, lwh0[i, 1] + BOUNDING_BOX_EXPANSION, lwh0[i, 2]])
+        mask = interior_mask(pts, index, R0s[i], t0s[i], lwh)
+        if not mask.any():
+            continue
+        category[mask] = CATEGORY_TO_INDEX[str(cat)]
+        j = nxt.get(uid)
+        if j is None:
+            is_valid[mask] = False
+            continue
+        c1_T_c0 = _se3(R1s[j], t1s[j]) @ _se3_inverse(_se3(R0s[i], t0s[i]))
+        obj = pts[mask]
+        moved = obj @ c1_T_c0[:3, :3].T + c1_T_c0[:3, 3]
+        flow[mask] = moved.astype(np.float32) - obj
+    dyn = np.linalg.norm(flow.astype(np.float64) - rigid.astype(np.float64), axis=-1)
+    return {'flow': flow, 'is_valid': is_valid, 'category_indices': category,
+            'is_dynamic': dyn >= SCENE_FLOW_DYNAMIC_THRESHOLD, 'dynamic_norm': dyn}
+
+
+# --------------------------------------------------------------------------- simulation
+
+def _agent_primitives(P: Primitives, agent: Agent, x: float, y: float, yaw: float, z: float) -> None:
+    c, s = np.cos(yaw), np.sin(yaw)
+    for part in agent.parts:
+        cx = x + c * part.center[0] - s * part.center[1]
+        cy = y + s * part.center[0] + c * part.center[1]
+        cz = z + part.center[2]
+        if part.kind == 'box':
+            P.add_box((cx, cy, cz), part.size, yaw, instance=agent.instance, reflectivity=part.reflectivity,
+                      porosity=part.porosity)
+        else:
+            P.add_cylinder((cx, cy, cz), part.size[0], part.size[1], instance=agent.instance,
+                           reflectivity=part.reflectivity)
+
+
+def _copy_static(static: Primitives) -> Primitives:
+    P = Primitives()
+    for name in ('box_center', 'box_half', 'box_yaw', 'slab_center', 'slab_half', 'slab_yaw', 'slab_offset',
+                 'cyl_center', 'cyl_radius', 'cyl_half_h', 'instance', 'ground', 'reflectivity', 'porosity',
+                 '_kinds'):
+        setattr(P, name, list(getattr(static, name)))
+    return P
+
+
+def simulate_log(seed: int, sweeps: int, lidar: LidarConfig | None = None,
+                 scene_cfg: SceneConfig | None = None, with_flow: bool = True) -> SynthLog:
+    """Generate one sequence in memory (scene, sweeps, annotations, GT flow)."""
+    import pandas as pd
+
+    lidar = lidar or LidarConfig()
+    lidar.validate()
+    if sweeps < 2:
+        raise SynthError(f'sweeps: expected >= 2 (flow needs pairs), got {sweeps}')
+    seed = int(seed)
+    duration = (sweeps - 1) * 0.1
+    scene = generate_scene(seed, duration, lidar.max_range_m, scene_cfg)
+    times = np.arange(sweeps) * 0.1
+    stamps = timestamps_for_seed(seed, sweeps)
+    poses = scene.city_T_ego(times)
+    dirs_e, laser, column = lidar.ray_grid()
+    sensor = np.asarray(lidar.sensor_xyz, dtype=np.float64)
+
+    agent_poses = [a.poses(times, duration) for a in scene.agents]
+    out_sweeps: list[Sweep] = []
+    ann_rows: list[tuple] = []
+    for k in range(sweeps):
+        T = poses[k]
+        R = T[:3, :3]
+        origin = R @ sensor + T[:3, 3]
+        dirs_c = dirs_e @ R.T
+        P = _copy_static(scene.static)
+        track_poses = []
+        ego_xy = T[:2, 3]
+        for agent, (ax, ay, ayaw) in zip(scene.agents, agent_poses):
+            x, y, yaw = float(ax[k]), float(ay[k]), float(ayaw[k])
+            z = float(scene.ground.height(np.array(x), np.array(y)))
+            if np.hypot(x - ego_xy[0], y - ego_xy[1]) <= lidar.max_range_m + 15.0:
+                _agent_primitives(P, agent, x, y, yaw, z)
+            for trk in agent.tracks:
+                c, s = np.cos(yaw), np.sin(yaw)
+                cx = x + c * trk.offset[0] - s * trk.offset[1]
+                cy = y + s * trk.offset[0] + c * trk.offset[1]
+                if np.hypot(cx - ego_xy[0], cy - ego_xy[1]) > lidar.max_range_m:
+                    continue
+                city_T_obj = np.eye(4)
+                city_T_obj[:3, :3] = [[c, -s, 0], [s, c, 0], [0, 0, 1]]
+                city_T_obj[:3, 3] = [cx, cy, z + trk.offset[2]]
+                track_poses.append((trk, _se3_inverse(T) @ city_T_obj))
+        rng = np.random.default_rng([seed, k, 7])
+        res = cast(origin, dirs_c, scene.ground, P, lidar.max_range_m, rng)
+        table = P.table()
+        hit = res.prim >= 0
+        rng_t = res.t
+        # dropout grows with range and for dark surfaces (weak returns)
+        refl = table['reflectivity'][np.maximum(res.prim, 0)]
+        p_drop = lidar.dropout + 0.25 * (np.where(hit, rng_t, 0) / lidar.max_range_m) ** 3 * (1.2 - refl)
+        hit &= rng.random(len(hit)) >= p_drop
+        noisy = rng_t + rng.normal(0.0, lidar.range_noise_m, size=len(rng_t))
+        keep = np.flatnonzero(hit & (noisy > 0.5) & (noisy <= lidar.max_range_m))
+        r = noisy[keep]
+        pc = origin + r[:, None] * dirs_c[keep]
+        pe = (pc - T[:3, 3]) @ R                     # city -> ego (R orthonormal)
+        prim = res.prim[keep]
+        falloff = 1.0 - 0.5 * (r / lidar.max_range_m)
+        inten = np.clip(255.0 * table['reflectivity'][prim] * falloff + rng.normal(0, 6.0, len(r)), 0, 255)
+        out_sweeps.append(Sweep(
+            int(stamps[k]), pe.astype(np.float32), inten.astype(np.uint8), laser[keep].astype(np.uint8),
+            (column[keep] * (SWEEP_PERIOD_NS // lidar.azimuths)).astype(np.int32),
+            table['ground'][prim].copy(), table['instance'][prim].astype(np.int32)))
+        pts = out_sweeps[-1].points
+        index = _PointIndex(pts)
+        quats = [_matrix_to_quat(ego_T_obj[:3, :3]) for _, ego_T_obj in track_poses]
+        Rqs = quat_wxyz_to_mat(np.array(quats)) if quats else []
+        for (trk, ego_T_obj), q, Rq in zip(track_poses, quats, Rqs):
+            tvec = ego_T_obj[:3, 3]
+            n_in = int(interior_mask(pts, index, Rq, tvec, trk.dims).sum())
+            ann_rows.append((int(stamps[k]), trk.uuid, trk.category, float(trk.dims[0]), float(trk.dims[1]),
+                             float(trk.dims[2]), *map(float, q), *map(float, tvec), n_in))
+    ann = pd.DataFrame(ann_rows, columns=list(ANNOTATION_COLUMNS))
+    ann = ann.astype({'timestamp_ns': 'int64', 'num_interior_pts': 'int64'})
+    out = SynthLog(log_id_for_seed(seed), seed, scene, stamps, poses, out_sweeps, ann)
+    if with_flow:
+        out.flows = compute_flows(out)
+    return out
+
+
+def _matrix_to_quat(R: np.ndarray) -> np.ndarray:
+    return matrix_to_quat(R)
+
+
+def compute_flows(log_: SynthLog) -> list[dict[str, np.ndarray]]:
+    """GT for each pair (t, t+1), from the annotations and poses exactly as they are written."""
+    ann = log_.annotations
+    groups = {int(ts): g for ts, g in ann.groupby('timestamp_ns', sort=False)}
+    empty = ann.iloc[0:0]
+    flows = []
+    for k in range(len(log_.sweeps) - 1):
+        ts0, ts1 = int(log_.timestamps[k]), int(log_.timestamps[k + 1])
+        ego1_T_ego0 = _pose_from_row(log_.city_T_ego[k + 1], inverse=True) @ _pose_from_row(log_.city_T_ego[k])
+        lab = av2_flow_labels(log_.sweeps[k].points, groups.get(ts0, empty), groups.get(ts1, empty), ego1_T_ego0)
+        lab['is_ground'] = log_.sweeps[k].is_ground
+        lab['instance_id'] = log_.sweeps[k].instance_id
+        flows.append(lab)
+    return flows
+
+
+def _pose_quat_trans(T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return _matrix_to_quat(T[:3, :3]), T[:3, 3].copy()
+
+
+def _pose_from_row(T: np.ndarray, inverse: bool = False) -> np.ndarray:
+    """The pose as a reader rebuilds it from the written (quaternion, translation) row."""
+    q, t = _pose_quat_trans(T)
+    M = _se3(quat_wxyz_to_mat(q), t)
+    return _se3_inverse(M) if inverse else M
+
+
+# --------------------------------------------------------------------------- writing
+
+def _write_feather(df, path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.feather as feather
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    tmp = path.with_name(path.name + '.tmp')
+    feather.write_feather(table, tmp, compression='lz4')
+    os.replace(tmp, path)
+
+
+def _ground_raster(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
+    """Ground height (float16, NaN under buildings) on 0.3 m cells over the scene bounds, and img_t_city."""
+    x0, y0, x1, y1 = scene.bounds
+    x0, y0 = np.floor(x0), np.floor(y0)
+    w = int(np.ceil((x1 - x0) / RASTER_RES_M))
+    h = int(np.ceil((y1 - y0) / RASTER_RES_M))
+    cx = x0 + (np.arange(w) + 0.5) * RASTER_RES_M
+    cy = y0 + (np.arange(h) + 0.5) * RASTER_RES_M
+    X, Y = np.meshgrid(cx, cy)                      # [row = y, col = x] as av2 indexes
+    Z = scene.ground.height(X, Y)
+    prims = scene.static
+    for c, half, yaw, off in zip(prims.slab_center, prims.slab_half, prims.slab_yaw, prims.slab_offset):
+        cs, sn = np.cos(yaw), np.sin(yaw)
+        lx = cs * (X - c[0]) + sn * (Y - c[1])
+        ly = -sn * (X - c[0]) + cs * (Y - c[1])
+        Z = np.where((np.abs(lx) <= half[0]) & (np.abs(ly) <= half[1]), Z + off, Z)
+    for c, half, yaw in scene.building_footprints:
+        cs, sn = np.cos(yaw), np.sin(yaw)
+        lx = cs * (X - c[0]) + sn * (Y - c[1])
+        ly = -sn * (X - c[0]) + cs * (Y - c[1])
+        # shrink by a cell so the ground right at a facade keeps a height
+        inside = (np.abs(lx) <= half[0] - RASTER_RES_M) & (np.abs(ly) <= half[1] - RASTER_RES_M)
+        Z = np.where(inside, np.nan, Z)
+    return Z.astype(np.float16), np.array([-x0, -y0])
+
+
+def _polyline(pts: Iterable, z_fn) -> list[dict]:
+    return [{'x': round(float(x), 3), 'y': round(float(y), 3), 'z': round(float(z_fn(x, y)), 3)} for x, y in pts]
+
+
+def _vector_map(scene: Scene) -> dict:
+    """Minimal AV2 vector map: one drivable area and straight lane segments per road, crosswalks."""
+    z = lambda x, y: float(scene.ground.height(np.array(x), np.array(y)))  # noqa: E731
+    x0, y0, x1, y1 = scene.bounds
+    das, lanes, xings = {}, {}, {}
+    next_id = 1
+    for road in scene.roads:
+        hc = road.half_carriageway
+        if road.axis == 0:
+            if not y0 <= road.center <= y1:
+                continue
+            rect = [(x0, road.center - hc), (x1, road.center - hc), (x1, road.center + hc), (x0, road.center + hc)]
+        else:
+            if not x0 <= road.center <= x1:
+                continue
+            rect = [(road.center - hc, y0), (road.center + hc, y0), (road.center + hc, y1), (road.center - hc, y1)]
+        das[str(next_id)] = {'area_boundary': _polyline(rect, z), 'id': next_id}
+        next_id += 1
+        for direction in (1, -1):
+            for lane in range(road.lanes):
+                a, b = lane * 3.5, (lane + 1) * 3.5          # right-hand lanes, offsets to the right
+                lo, hi = (x0, x1) if road.axis == 0 else (y0, y1)
+                s0, s1 = (lo, hi) if direction > 0 else (hi, lo)
+
+                def pt(s, off):
+                    # right of travel: -y for +x travel, +x for +y travel
+                    if road.axis == 0:
+                        return (s, road.center - direction * off)
+                    return (road.center + direction * off, s)
+                lanes[str(next_id)] = {
+                    'id': next_id, 'is_intersection': False, 'lane_type': 'VEHICLE',
+                    'left_lane_boundary': _polyline([pt(s0, a), pt(s1, a)], z),
+                    'right_lane_boundary': _polyline([pt(s0, b), pt(s1, b)], z),
+                    'left_lane_mark_type': 'DOUBLE_SOLID_YELLOW' if lane == 0 else 'DASHED_WHITE',
+                    'right_lane_mark_type': 'SOLID_WHITE' if lane == road.lanes - 1 else 'DASHED_WHITE',
+                    'successors': [], 'predecessors': [], 'right_neighbor_id': None, 'left_neighbor_id': None}
+                next_id += 1
+    for cw in scene.crosswalks:
+        (xa, yc), (xb, _) = cw
+        xings[str(next_id)] = {'id': next_id, 'edge1': _polyline([(xa, yc - 1.5), (xb, yc - 1.5)], z),
+                               'edge2': _polyline([(xa, yc + 1.5), (xb, yc + 1.5)], z)}
+        next_id += 1
+    return {'pedestrian_crossings': xings, 'lane_segments': lanes, 'drivable_areas': das}
+
+
+def write_log(log_: SynthLog, split_dir: Path, lidar: LidarConfig) -> Path:
+    """Write one simulated log under ``split_dir/<log_id>/`` (files replaced atomically)."""
+    import pandas as pd
+
+    d = Path(split_dir) / log_.log_id
+    for sub in ('sensors/lidar', 'scene_flow', 'map', 'calibration'):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    for sw in log_.sweeps:
+        _write_feather(pd.DataFrame({
+            'x': sw.points[:, 0], 'y': sw.points[:, 1], 'z': sw.points[:, 2],
+            'intensity': sw.intensity, 'laser_number': sw.laser_number, 'offset_ns': sw.offset_ns}),
+            d / 'sensors' / 'lidar' / f'{sw.timestamp_ns}.feather')
+    rows = []
+    for ts, T in zip(log_.timestamps, log_.city_T_ego):
+        q, t = _pose_quat_trans(T)
+        rows.append((int(ts), *map(float, q), *map(float, t)))
+    _write_feather(pd.DataFrame(rows, columns=['timestamp_ns', 'qw', 'qx', 'qy', 'qz', 'tx_m', 'ty_m', 'tz_m'])
+                   .astype({'timestamp_ns': 'int64'}), d / 'city_SE3_egovehicle.feather')
+    _write_feather(log_.annotations, d / 'annotations.feather')
+    _write_feather(pd.DataFrame([('up_lidar', 1.0, 0.0, 0.0, 0.0, *map(float, lidar.sensor_xyz))],
+                                columns=['sensor_name', 'qw', 'qx', 'qy', 'qz', 'tx_m', 'ty_m', 'tz_m']),
+                   d / 'calibration' / 'egovehicle_SE3_sensor.feather')
+    for k, lab in enumerate(log_.flows):
+        _write_feather(pd.DataFrame({
+            'flow_tx_m': lab['flow'][:, 0], 'flow_ty_m': lab['flow'][:, 1], 'flow_tz_m': lab['flow'][:, 2],
+            'is_valid': lab['is_valid'], 'is_dynamic': lab['is_dynamic'], 'is_ground': lab['is_ground'],
+            'category_indices': lab['category_indices'], 'instance_id': lab['instance_id']}),
+            d / 'scene_flow' / f'{int(log_.timestamps[k])}.feather')
+    raster, img_t = _ground_raster(log_.scene)
+    with open(d / 'map' / f'{log_.log_id}_ground_height_surface____{CITY}.npy', 'wb') as f:
+        np.save(f, raster)
+    (d / 'map' / f'{log_.log_id}___img_Sim2_city.json').write_text(json.dumps(
+        {'R': [1.0, 0.0, 0.0, 1.0], 't': [float(img_t[0]), float(img_t[1])], 's': 1.0 / RASTER_RES_M}))
+    map_num = int(log_.seed) % 100_000
+    (d / 'map' / f'log_map_archive_{log_.log_id}____{CITY}_city_{map_num}.json').write_text(
+        json.dumps(_vector_map(log_.scene)))
+    (d / 'synth.json').write_text(json.dumps({
+        'generator': 'zeroflow_training.data.synth', 'version': GENERATOR_VERSION, 'seed': int(log_.seed),
+        'sweeps': len(log_.sweeps), 'ego_mode': log_.scene.ego_mode, 'lidar': asdict(lidar)}, indent=1,
+        sort_keys=True))
+    return d
+
+
+def generate_one(seed: int, split_dir: Path, sweeps: int, lidar: LidarConfig | None = None,
+                 scene_cfg: SceneConfig | None = None) -> dict:
+    """Simulate and write one log; returns a small summary (used by the CLI and its workers)."""
+    import time
+    lidar = lidar or LidarConfig()
+    t0 = time.perf_counter()
+    lg = simulate_log(seed, sweeps, lidar, scene_cfg)
+    path = write_log(lg, split_dir, lidar)
+    return {'seed': int(seed), 'log_id': lg.log_id, 'path': str(path), 'seconds': time.perf_counter() - t0,
+            'points': [len(s.points) for s in lg.sweeps], 'ego_mode': lg.scene.ego_mode}
+
+
+def split_seeds(split: str, count: int, seed: int) -> list[int]:
+    """Seeds of a split: train uses ``seed + i``, val ``VAL_SEED_BASE + i`` (disjoint for seed + count <= 1e6)."""
+    if split == 'train':
+        if seed < 0 or seed + count > VAL_SEED_BASE:
+            raise SynthError(f'seed: train seeds seed..seed+{count - 1} must stay in [0, {VAL_SEED_BASE}) '
+                             f'so they never reach the val range; got seed={seed}')
+        return [seed + i for i in range(count)]
+    if split == 'val':
+        return [VAL_SEED_BASE + i for i in range(count)]
+    raise SynthError(f'split: expected "train" or "val", got {split!r}')
+
+
+def make_tiny_dataset(tmp_path: Path, logs: int = 1, sweeps: int = 3, split: str = 'val', seed: int = 0,
+                      beams: int = 16, azimuths: int = 600, scene_cfg: SceneConfig | None = None) -> Path:
+    """A small dataset for tests: ``logs`` x ``sweeps`` under ``tmp_path/<split>/``; returns the root.
+
+    Reduced beams/azimuths keep it to a few seconds on one core. Seeds follow :func:`split_seeds`.
+    """
+    root = Path(tmp_path)
+    lidar = LidarConfig(beams=beams, azimuths=azimuths)
+    for s in split_seeds(split, logs, seed):
+        generate_one(s, root / split, sweeps, lidar, scene_cfg)
+    return root
