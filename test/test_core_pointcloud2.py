@@ -27,10 +27,14 @@ def Field(name, offset, datatype, count=1):
     return types.SimpleNamespace(name=name, offset=offset, datatype=datatype, count=count)
 
 
+XY = (Field('x', 0, 7), Field('y', 4, 7))
+
+
 def Msg(fields, data, *, width, height=1, point_step, row_step=None, bigendian=False, dense=False,
         frame_id='lidar', stamp=(12, 345)):
     return types.SimpleNamespace(
-        header=types.SimpleNamespace(frame_id=frame_id, stamp=types.SimpleNamespace(sec=stamp[0], nanosec=stamp[1])),
+        header=types.SimpleNamespace(frame_id=frame_id,
+                                     stamp=types.SimpleNamespace(sec=stamp[0], nanosec=stamp[1])),
         height=height, width=width, fields=fields, is_bigendian=bigendian, point_step=point_step,
         row_step=width * point_step if row_step is None else row_step, data=data, is_dense=dense)
 
@@ -62,7 +66,8 @@ def brute_force(fields, data, *, width, height, point_step, row_step, bigendian)
     def first(names):
         return next((by_name[n] for n in names if n in by_name), None)
 
-    f_int, f_time, f_ring = first(('intensity', 'reflectivity')), first(TIME_NAMES), first(('ring', 'laser_number'))
+    f_int, f_time = first(('intensity', 'reflectivity')), first(TIME_NAMES)
+    f_ring = first(('ring', 'laser_number'))
     xyz, idx, inten, tim, ring = [], [], [], [], []
     for r in range(height):
         for c in range(width):
@@ -172,7 +177,7 @@ def test_every_datatype_and_endianness(datatype, bigendian):
 
 
 def test_organised_cloud_with_row_padding_and_invalid_points():
-    fields = [Field('x', 0, 7), Field('y', 4, 7), Field('z', 8, 7), Field('intensity', 16, 7),
+    fields = [*XY, Field('z', 8, 7), Field('intensity', 16, 7),
               Field('ring', 20, 4), Field('t', 24, 6)]
     point_step, width, height = 32, 4, 3
     row_step = width * point_step + 7  # odd row padding: rows start unaligned
@@ -207,14 +212,14 @@ def test_organised_cloud_with_row_padding_and_invalid_points():
 
 def test_optional_channel_names_and_units():
     # Ouster-like: both intensity and reflectivity (intensity wins), uint32 't' in ns, uint8 ring
-    fields = [Field('x', 0, 7), Field('y', 4, 7), Field('z', 8, 7), Field('reflectivity', 12, 4),
+    fields = [*XY, Field('z', 8, 7), Field('reflectivity', 12, 4),
               Field('intensity', 16, 7), Field('laser_number', 20, 2), Field('timestamp', 24, 8)]
     pts = [dict(x=1.0, y=2.0, z=3.0, reflectivity=7, intensity=0.25, laser_number=5, timestamp=1.7e9 + 0.125)]
     data = build(fields, [pts], point_step=32)
     dec = decode(Msg(fields, data, width=1, point_step=32))
     assert dec.intensity.tolist() == [0.25] and dec.ring.tolist() == [5]
     assert dec.time.tolist() == [1.7e9 + 0.125] and dec.time_field == 'timestamp'   # float: seconds, exact
-    fields2 = [Field('x', 0, 7), Field('y', 4, 7), Field('z', 8, 7), Field('reflectivity', 12, 4)]
+    fields2 = [*XY, Field('z', 8, 7), Field('reflectivity', 12, 4)]
     dec2 = decode(Msg(fields2, build(fields2, [pts], point_step=16), width=1, point_step=16))
     assert dec2.intensity.tolist() == [7.0] and dec2.time is None and dec2.ring is None
 
@@ -227,7 +232,7 @@ def test_float64_beyond_float32_range_is_dropped_not_inf():
 
 
 def test_empty_clouds():
-    fields = [Field('x', 0, 7), Field('y', 4, 7), Field('z', 8, 7), Field('intensity', 12, 7)]
+    fields = [*XY, Field('z', 8, 7), Field('intensity', 12, 7)]
     for width, height in ((0, 1), (5, 0), (0, 0)):
         dec = decode(Msg(fields, b'', width=width, height=height, point_step=16, row_step=16 * width))
         assert dec.xyz.shape == (0, 3) and dec.indices.shape == (0,) and dec.intensity.shape == (0,)
@@ -243,7 +248,7 @@ def test_data_containers(container):
     data = {'bytes': raw, 'bytearray': bytearray(raw), 'array': array.array('B', raw),
             'memoryview': memoryview(raw), 'numpy': np.frombuffer(raw, np.uint8).copy(),
             'strided_mv': memoryview(np.repeat(np.frombuffer(raw, np.uint8), 2))[::2]}[container]
-    fields = [Field('x', 0, 7), Field('y', 4, 7), Field('z', 8, 7), Field('intensity', 12, 7)]
+    fields = [*XY, Field('z', 8, 7), Field('intensity', 12, 7)]
     dec = decode(Msg(fields, data, width=50, point_step=16))
     keep = np.arange(50) != 3
     np.testing.assert_array_equal(dec.xyz, pts[keep, :3])
@@ -254,7 +259,7 @@ def test_data_containers(container):
 def test_fast_path_is_zero_copy_and_copy_flag_owns():
     pts = np.arange(40, dtype=np.float32).reshape(10, 4)
     data = array.array('B', pts.tobytes())
-    fields = [Field('x', 0, 7), Field('y', 4, 7), Field('z', 8, 7), Field('intensity', 12, 7)]
+    fields = [*XY, Field('z', 8, 7), Field('intensity', 12, 7)]
     msg = Msg(fields, data, width=10, point_step=16)
     dec = decode(msg)
     buf = np.frombuffer(data, np.uint8)
@@ -273,7 +278,8 @@ def test_fast_path_is_zero_copy_and_copy_flag_owns():
 def test_matches_read_points_reference_on_real_lidar():
     """KITTI sweep (real data) packed like a Velodyne driver, with NaNs injected, big-endian too."""
     from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / 'data/samples/kitti_raw_sfnd_seq/velodyne_points/data/0000000000.bin'
+    path = (Path(__file__).resolve().parents[1]
+            / 'data/samples/kitti_raw_sfnd_seq/velodyne_points/data/0000000000.bin')
     pts = np.fromfile(path, dtype='<f4').reshape(-1, 4)[:20000]
     rng = np.random.default_rng(0)
     n = len(pts)
@@ -287,7 +293,7 @@ def test_matches_read_points_reference_on_real_lidar():
         rec['ring'] = rng.integers(0, 64, n)
         rec['time'] = np.linspace(0, 0.1, n)
         rec['y'][rng.choice(n, 300, replace=False)] = np.nan
-        fields = [Field('x', 0, 7), Field('y', 4, 7), Field('z', 8, 7), Field('intensity', 16, 7),
+        fields = [*XY, Field('z', 8, 7), Field('intensity', 16, 7),
                   Field('ring', 20, 4), Field('time', 24, 7)]
         msg = Msg(fields, rec.tobytes(), width=n, point_step=32, bigendian=bigendian)
         ref, ref_idx = ref_read_points(msg, ('x', 'y', 'z'), skip_nans=True)
@@ -342,7 +348,8 @@ def random_clouds(draw):
 @given(random_clouds(), st.sampled_from(['bytes', 'array', 'numpy']))
 def test_random_layouts_match_brute_force(cloud, container):
     fields, data, geo = cloud
-    data_obj = {'bytes': data, 'array': array.array('B', data), 'numpy': np.frombuffer(data, np.uint8)}[container]
+    data_obj = {'bytes': data, 'array': array.array('B', data),
+                'numpy': np.frombuffer(data, np.uint8)}[container]
     msg = Msg(fields, data_obj, width=geo['width'], height=geo['height'], point_step=geo['point_step'],
               row_step=geo['row_step'], bigendian=geo['bigendian'])
     with np.errstate(over='ignore'):
@@ -361,7 +368,7 @@ def test_random_layouts_match_brute_force(cloud, container):
 # --------------------------------------------------------------------------------- bad input
 
 def _good():
-    fields = [Field('x', 0, 7), Field('y', 4, 7), Field('z', 8, 7), Field('intensity', 12, 7)]
+    fields = [*XY, Field('z', 8, 7), Field('intensity', 12, 7)]
     return Msg(fields, bytes(16 * 6), width=3, height=2, point_step=16)
 
 
@@ -373,21 +380,22 @@ def _with(**changes):
 
 
 @pytest.mark.parametrize('msg, words', [
-    (_with(fields=[Field('x', 0, 7), Field('y', 4, 7), Field('intensity', 12, 7)]), ["no field 'z'", "'x', 'y'"]),
-    (_with(fields=[Field('x', 0, 7), Field('y', 4, 7), Field('z', 8, 7), Field('intensity', 14, 7)]),
+    (_with(fields=[*XY, Field('intensity', 12, 7)]), ["no field 'z'", "'x', 'y'"]),
+    (_with(fields=[*XY, Field('z', 8, 7), Field('intensity', 14, 7)]),
      ["'intensity'", 'ends at byte 18', 'point_step is 16']),
     (_with(point_step=10, row_step=30, data=bytes(60)), ["'z'", 'ends at byte 12', 'point_step is 10']),
     (_with(data=bytes(95)), ['95 bytes', 'row_step 48 x height 2 = 96']),
     (_with(data=bytes(97)), ['97 bytes', '= 96']),
     (_with(row_step=50), ['100', 'row_step 50 x height 2']),
     (_with(row_step=40, data=bytes(80)), ['row_step is 40', 'width 3 x point_step 16 = 48']),
-    (_with(fields=[Field('x', 0, 7), Field('y', 4, 7), Field('z', 8, 9)]), ["'z'", 'datatype 9', '7 (FLOAT32)']),
-    (_with(fields=[Field('x', 0, 7), Field('y', 4, 7), Field('z', 8, 7), Field('w', 12, 0)]),
+    (_with(fields=[*XY, Field('z', 8, 9)]), ["'z'", 'datatype 9', '7 (FLOAT32)']),
+    (_with(fields=[*XY, Field('z', 8, 7), Field('w', 12, 0)]),
      ["'w'", 'datatype 0']),
-    (_with(fields=[Field('x', 0, 7, 3), Field('y', 4, 7), Field('z', 8, 7)]), ["'x'", 'count 3', 'expected count 1']),
+    (_with(fields=[Field('x', 0, 7, 3), Field('y', 4, 7), Field('z', 8, 7)]),
+     ["'x'", 'count 3', 'expected count 1']),
     (_with(fields=[Field('x', 0, 7), Field('y', 4, 7, 0), Field('z', 8, 7)]), ["'y'", 'count 0']),
-    (_with(fields=[Field('x', 0, 7), Field('y', 4, 7), Field('z', 8, 7), Field('x', 12, 7)]), ["'x'", 'twice']),
-    (_with(fields=[Field('x', 0, 7), Field('y', 4, 7), Field('z', 8, 7), Field('ring', 12, 7)]),
+    (_with(fields=[*XY, Field('z', 8, 7), Field('x', 12, 7)]), ["'x'", 'twice']),
+    (_with(fields=[*XY, Field('z', 8, 7), Field('ring', 12, 7)]),
      ["'ring'", 'FLOAT32', 'integer']),
     (_with(data=[0] * 96), ['list', 'bytes']),
     (_with(data=np.zeros(24, np.float32)), ['float32', 'uint8']),
@@ -417,8 +425,8 @@ def test_encode_buffer_layout_against_struct():
     fields = {'flow_x': np.float32([0.5, -0.5]), 'flow_y': np.float32([1, 2]), 'flow_z': np.float32([3, 4]),
               'speed': np.float32([9, 8]), 'is_dynamic': np.array([True, False])}
     spec, data, point_step = encode_buffer(xyz, fields)
-    assert spec == [('x', 0, 7, 1), ('y', 4, 7, 1), ('z', 8, 7, 1), ('flow_x', 12, 7, 1), ('flow_y', 16, 7, 1),
-                    ('flow_z', 20, 7, 1), ('speed', 24, 7, 1), ('is_dynamic', 28, 2, 1)]
+    assert spec == [('x', 0, 7, 1), ('y', 4, 7, 1), ('z', 8, 7, 1), ('flow_x', 12, 7, 1),
+                    ('flow_y', 16, 7, 1), ('flow_z', 20, 7, 1), ('speed', 24, 7, 1), ('is_dynamic', 28, 2, 1)]
     assert point_step == 32 and data.dtype == np.uint8
     expected = b''.join(struct.pack('<7fB3x', *xyz[i], fields['flow_x'][i], fields['flow_y'][i],
                                     fields['flow_z'][i], fields['speed'][i], int(fields['is_dynamic'][i]))
@@ -453,9 +461,9 @@ def test_encode_bad_input(xyz, fields, words):
 def _roundtrip_arrays(n=1000, seed=0):
     rng = np.random.default_rng(seed)
     xyz = rng.uniform(-80, 80, (n, 3)).astype(np.float32)
-    fields = {'flow_x': rng.standard_normal(n).astype(np.float32), 'flow_y': rng.standard_normal(n).astype(np.float32),
-              'flow_z': rng.standard_normal(n).astype(np.float32), 'speed': rng.random(n).astype(np.float32),
-              'is_dynamic': rng.random(n) > 0.5}
+    fields = {name: rng.standard_normal(n).astype(np.float32) for name in ('flow_x', 'flow_y', 'flow_z')}
+    fields.update({'speed': rng.random(n).astype(np.float32),
+                   'is_dynamic': rng.random(n) > 0.5})
     return xyz, fields
 
 
@@ -474,8 +482,8 @@ def test_encode_rclpy_message_roundtrip():
     msg = encode(xyz, fields, frame_id='base_link', stamp_ns=1_700_000_000_123_456_789)
     assert isinstance(msg, PointCloud2) and isinstance(msg.data, array.array)
     assert (msg.height, msg.width, msg.point_step, msg.row_step) == (1, 1000, 32, 32000)
-    assert (msg.header.frame_id, msg.header.stamp.sec, msg.header.stamp.nanosec) == ('base_link', 1_700_000_000,
-                                                                                      123_456_789)
+    stamp = msg.header.stamp
+    assert (msg.header.frame_id, stamp.sec, stamp.nanosec) == ('base_link', 1_700_000_000, 123_456_789)
     assert msg.is_dense is False and msg.is_bigendian is False
     back = deserialize_message(serialize_message(msg), PointCloud2)   # real CDR, as on the wire
     got = _fields_of(back, fields)
