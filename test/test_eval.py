@@ -250,63 +250,95 @@ def test_bucketed_hand_values():
 
 # --- end to end: predict -> eval against av2's evaluation on the same ground truth --------------
 
-def _av2_annotations(data: Path, split: str, anno: Path) -> None:
-    """Annotation files in av2's format (its own write_annotation) from the synthetic GT, mask by hand.
+def _hand_ground(log_dir: Path, ts: int, pts: np.ndarray) -> np.ndarray:
+    """The hand-built logs' flat raster at city z = -1.8 m and yaw-only poses: ground is ``z <= -1.5``."""
+    return pts[:, 2] <= -1.5
 
-    The mask is av2's compute_eval_point_mask rule written out for this scene: non-ground (the flat map
-    raster at -1.8 m makes ground exactly ``z <= -1.5``) and ``|x|, |y| <= 50``.
+
+def _av2_map_ground(log_dir: Path, ts: int, pts: np.ndarray) -> np.ndarray:
+    """Ground by av2's own map API (raster rule) on city-frame points."""
+    from av2.map.map_api import ArgoverseStaticMap
+    from zeroflow_ros.core.geometry import make_transform, quat_to_matrix, transform_points
+    poses = pd.read_feather(log_dir / 'city_SE3_egovehicle.feather').set_index('timestamp_ns')
+    r = poses.loc[ts]
+    city_T_ego = make_transform(quat_to_matrix(r.qw, r.qx, r.qy, r.qz), (r.tx_m, r.ty_m, r.tz_m))
+    avm = ArgoverseStaticMap.from_map_dir(log_dir / 'map', build_raster=True)
+    return avm.get_ground_points_boolean(transform_points(city_T_ego, pts.astype(np.float64)))
+
+
+def _av2_annotations(data: Path, split: str, anno: Path, ground_fn) -> dict[str, np.ndarray]:
+    """Annotation files in av2's format (its own write_annotation) from the synthetic GT; returns the masks.
+
+    The mask is av2's compute_eval_point_mask rule: not ground and ``|x|, |y| <= 50``.
     """
     anno.mkdir(parents=True, exist_ok=True)
+    masks = {}
     for log_dir in sorted((data / split).iterdir()):
         for f in sorted((log_dir / 'scene_flow').glob('*.feather')):
             gt = pd.read_feather(f)
-            lidar = pd.read_feather(log_dir / 'sensors' / 'lidar' / f.name)
-            pts = lidar[['x', 'y', 'z']].to_numpy()
-            mask = (np.abs(pts[:, 0]) <= 50) & (np.abs(pts[:, 1]) <= 50) & (pts[:, 2] > -1.5)
+            pts = pd.read_feather(log_dir / 'sensors' / 'lidar' / f.name)[['x', 'y', 'z']].to_numpy()
+            pts = pts.astype(np.float32)
+            in_box = (np.abs(pts[:, 0]) <= 50) & (np.abs(pts[:, 1]) <= 50)
+            mask = in_box & ~ground_fn(log_dir, int(f.stem), pts)
             close = np.all(np.abs(pts[mask, :2]) <= 35, axis=1)
             flow = gt[['flow_tx_m', 'flow_ty_m', 'flow_tz_m']].to_numpy()[mask]
             cats, dyn, valid = (gt[c].to_numpy()[mask]
                                 for c in ('category_indices', 'is_dynamic', 'is_valid'))
             av2.anno.write_annotation(cats, close, dyn, valid, flow, (log_dir.name, int(f.stem)), anno)
+            masks[f'{log_dir.name}/{f.name}'] = mask
+    return masks
 
 
-def _masked_predictions(pred: Path, anno: Path, data: Path, split: str, out: Path) -> None:
+def _masked_predictions(pred: Path, masks: dict[str, np.ndarray], out: Path) -> None:
     """Prediction files holding only the evaluated rows (the format av2's evaluator reads)."""
-    for a in sorted(anno.rglob('*.feather')):
-        log_id, ts = a.parent.name, a.stem
-        pts = pd.read_feather(data / split / log_id / 'sensors' / 'lidar' / f'{ts}.feather')[['x', 'y', 'z']]
-        pts = pts.to_numpy()
-        mask = (np.abs(pts[:, 0]) <= 50) & (np.abs(pts[:, 1]) <= 50) & (pts[:, 2] > -1.5)
-        df = pd.read_feather(pred / log_id / f'{ts}.feather')[mask].reset_index(drop=True)
-        (out / log_id).mkdir(parents=True, exist_ok=True)
-        df.to_feather(out / log_id / f'{ts}.feather')
+    for name, mask in masks.items():
+        df = pd.read_feather(pred / name)[mask].reset_index(drop=True)
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        df.to_feather(out / name)
+
+
+def _setup(root: Path, ground_fn) -> Path:
+    from test_predict import _predict
+    for m in ('ego', 'zero', 'nn'):
+        _predict(root / 'data', root / m, m)
+    masks = _av2_annotations(root / 'data', 'val', root / 'anno', ground_fn)
+    for m in ('ego', 'zero', 'nn'):
+        _masked_predictions(root / m, masks, root / f'{m}_masked')
+    return root
 
 
 @pytest.fixture(scope='module')
 def synth(tmp_path_factory):
     """Two hand-built logs (map raster, exact GT), predictions of ego / zero / nn, av2 annotation files."""
-    from test_predict import _predict, make_av2_log
+    from test_predict import make_av2_log
     root = tmp_path_factory.mktemp('e2e')
-    data = root / 'data'
-    make_av2_log(data, log_id='log-a', n_sweeps=3, seed=0)
-    make_av2_log(data, log_id='log-b', n_sweeps=2, seed=1)
-    for m in ('ego', 'zero', 'nn'):
-        _predict(data, root / m, m)
-    _av2_annotations(data, 'val', root / 'anno')
-    return root
+    make_av2_log(root / 'data', log_id='log-a', n_sweeps=3, seed=0)
+    make_av2_log(root / 'data', log_id='log-b', n_sweeps=2, seed=1)
+    return _setup(root, _hand_ground)
 
 
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    """engineer B's ray-cast synthetic logs (make_tiny_dataset): the same, with av2's map API for ground."""
+    from zeroflow_training.data import synth as synth_mod
+    pytest.importorskip('av2.map.map_api')
+    root = tmp_path_factory.mktemp('tiny')
+    synth_mod.make_tiny_dataset(root / 'data', logs=2, sweeps=3)
+    return _setup(root, _av2_map_ground)
+
+
+@pytest.mark.parametrize('data', ['synth', 'tiny'])
 @pytest.mark.parametrize('method', ['ego', 'zero', 'nn'])
-def test_end_to_end_parity_with_av2(synth, method):
+def test_end_to_end_parity_with_av2(request, data, method):
     from zeroflow_ros.eval.evaluate import evaluate
-    res = evaluate(synth / method, synth / 'data', 'val')
-    assert res.num_pairs == 3
-    _masked_predictions(synth / method, synth / 'anno', synth / 'data', 'val', synth / f'{method}_masked')
-    ref = av2_results(synth / 'anno', synth / f'{method}_masked')
+    root = request.getfixturevalue(data)
+    res = evaluate(root / method, root / 'data', 'val')
+    assert res.num_pairs == (3 if data == 'synth' else 4)
+    ref = av2_results(root / 'anno', root / f'{method}_masked')
     assert_same(res.threeway, ref)
-    # Challenge-format input (masked rows) scores the same.
-    res2 = evaluate(synth / f'{method}_masked', synth / 'data', 'val')
-    assert_same(res2.threeway, ref)
+    assert math.isfinite(res.threeway['EPE 3-Way Average'])
+    # Challenge-format input (masked rows only) scores the same.
+    assert_same(evaluate(root / f'{method}_masked', root / 'data', 'val').threeway, ref)
 
 
 def test_end_to_end_known_values(synth):
