@@ -47,7 +47,7 @@ def io_specs() -> tuple[list[TensorSpec], list[TensorSpec]]:
 
 
 def sample_pair(max_points: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A real lidar pair for parity checks: two consecutive KITTI sweeps (xyz, float32)."""
+    """Return a real lidar pair for parity checks: two consecutive KITTI sweeps (xyz, float32)."""
     p0 = np.fromfile(KITTI_DIR / '0000000000.bin', dtype='<f4').reshape(-1, 4)[:, :3]
     p1 = np.fromfile(KITTI_DIR / '0000000001.bin', dtype='<f4').reshape(-1, 4)[:, :3]
     if max_points is not None:
@@ -74,8 +74,8 @@ def randomize_batchnorm(model: Any, seed: int = 0) -> None:
                 m.bias.copy_(torch.randn(n, generator=gen) * 0.2)
 
 
-def make_random_checkpoint(config: str, path: str | os.PathLike, seed: int = 0, **overrides: Any) -> Path:
-    """An untrained checkpoint of a registered config (for benchmarks and export tests)."""
+def make_random_checkpoint(config: Any, path: str | os.PathLike, seed: int = 0, **overrides: Any) -> Path:
+    """Write an untrained checkpoint of a config (registered name or FastFlow3DConfig), for benchmarks/tests."""
     import torch
 
     from zeroflow_ros.model import build_model, save_checkpoint
@@ -83,7 +83,8 @@ def make_random_checkpoint(config: str, path: str | os.PathLike, seed: int = 0, 
     torch.manual_seed(seed)
     model = build_model(config, **overrides)
     randomize_batchnorm(model, seed)
-    return save_checkpoint(path, model, extra={'note': f'randomly initialised {config} (seed {seed}), untrained'})
+    note = f'randomly initialised {model.cfg.name} (seed {seed}), untrained'
+    return save_checkpoint(path, model, extra={'note': note})
 
 
 def _trace_inputs(grid: Any, k0: int, k1: int, seed: int = 0) -> tuple[Any, ...]:
@@ -140,6 +141,10 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: in
         onnx.checker.check_model(str(tmp), full_check=True)
         proto = onnx.load(str(tmp), load_external_data=False)
         opsets = {o.domain or 'ai.onnx': o.version for o in proto.opset_import}
+        # mkstemp creates 0600; a model file should be as readable as any other the user writes
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
@@ -173,7 +178,7 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, opset: in
 
 
 def verify_parity(manifest: Manifest, model: Any, tolerance: float = 1e-4) -> dict[str, Any]:
-    """onnxruntime vs torch on a real KITTI pair; raises ExportError above ``tolerance`` metres."""
+    """Compare onnxruntime with torch on a real KITTI pair; raise ExportError above ``tolerance`` metres."""
     import onnxruntime as ort
     import torch
 
@@ -216,20 +221,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument('checkpoint', nargs='?', help='model.pt written by `zeroflow train`')
     src.add_argument('--random', metavar='CONFIG',
-                     help='export an untrained model of a registered config (paper, cpu_small) for benchmarks')
-    p.add_argument('-o', '--output', required=True, help='output .onnx path (manifest.yaml is written beside it)')
+                     help='export an untrained model of a registered config (paper, cpu_small), '
+                     'for benchmarks')
+    p.add_argument('-o', '--output', required=True,
+                   help='output .onnx path (manifest.yaml is written beside it)')
     p.add_argument('--opset', type=int, default=DEFAULT_OPSET, help='ONNX opset (default %(default)s)')
     p.add_argument('--points', default='1,60000,200000',
                    help='in-range points min,opt,max recorded for engine profiles (default %(default)s)')
-    p.add_argument('--no-verify', action='store_true', help='skip the onnxruntime-vs-torch check on a real pair')
+    p.add_argument('--no-verify', action='store_true',
+                   help='skip the onnxruntime-vs-torch check on a real pair')
     p.add_argument('--seed', type=int, default=0, help='seed for --random')
 
     t = sub.add_parser('tensorrt', help='model.onnx -> cached TensorRT engine (needs a GPU + tensorrt)',
                        description='Build (or validate the cached) TensorRT engine next to the ONNX file.')
     t.add_argument('onnx', help='model.onnx with manifest.yaml beside it (or the folder)')
     t.add_argument('--fp16', action='store_true', help='build an fp16 engine (default fp32)')
-    t.add_argument('--workspace', type=int, default=4096, metavar='MB', help='builder workspace (default %(default)s)')
-    t.add_argument('--build-only', action='store_true', help='build/validate the engine and exit (no test run)')
+    t.add_argument('--workspace', type=int, default=4096, metavar='MB',
+                   help='builder workspace (default %(default)s)')
+    t.add_argument('--build-only', action='store_true',
+                   help='build/validate the engine and exit (no test run)')
     t.add_argument('--rebuild', action='store_true', help='rebuild even if a valid cached engine exists')
 
 
@@ -254,8 +264,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             ckpt = Path(args.checkpoint)
         m = export_onnx(ckpt, out, opset=args.opset, points=points, verify=not args.no_verify)
-        print(f'wrote {m.onnx_path} ({m.onnx_bytes / 1e6:.1f} MB, opset {m.opset}, sha256 {m.onnx_sha256[:12]}) '
-              f'and {m.path}')
+        print(f'wrote {m.onnx_path} ({m.onnx_bytes / 1e6:.1f} MB, opset {m.opset}, '
+              f'sha256 {m.onnx_sha256[:12]}) and {m.path}')
         if m.verification:
             v = m.verification
             print(f'parity onnxruntime vs torch on {v["pair"]} ({v["points0"]} pts): '
@@ -272,7 +282,8 @@ def _run_tensorrt(args: argparse.Namespace) -> int:
     precision = 'fp16' if args.fp16 else 'fp32'
     opts = {'tensorrt': {'workspace_mb': args.workspace, 'rebuild': args.rebuild}}
     t0 = time.perf_counter()
-    b = create_backend(manifest.onnx_path, backend='tensorrt', device='cuda', precision=precision, options=opts)
+    b = create_backend(manifest.onnx_path, backend='tensorrt', device='cuda', precision=precision,
+                       options=opts)
     print(f'engine {b.engine_path} ({"built" if b.built_now else "cached, valid"}) in '
           f'{time.perf_counter() - t0:.1f} s')
     if args.build_only:

@@ -89,6 +89,9 @@ def load_or_build(path: Path, build: Callable[[Path], None], load: Callable[[byt
         build(tmp)
         engine = load(tmp.read_bytes())
         check(engine)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; other users of the cache must read it
         os.replace(tmp, path)
     except EngineMismatch as exc:
         raise BackendError(f'tensorrt: freshly built engine {path.name} is unusable: {exc}') from None
@@ -261,4 +264,3 @@ class TrtBackend(Backend):
         return {'engine': str(self.engine_path), 'tensorrt': self._trt.__version__, 'gpu': self.gpu_name,
                 'points_profile': [self.points.min, self.points.opt, self.points.max],
                 'engine_built_now': self.built_now}
-
