@@ -75,7 +75,10 @@ def randomize_batchnorm(model: Any, seed: int = 0) -> None:
 
 
 def make_random_checkpoint(config: Any, path: str | os.PathLike, seed: int = 0, **overrides: Any) -> Path:
-    """Write an untrained checkpoint of a config (registered name or FastFlow3DConfig), for benchmarks/tests."""
+    """Write an untrained checkpoint of a config (registered name or FastFlow3DConfig).
+
+    Used by benchmarks and export tests; BatchNorm stats are randomised (see randomize_batchnorm).
+    """
     import torch
 
     from zeroflow_ros.model import build_model, save_checkpoint
