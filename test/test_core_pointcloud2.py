@@ -587,3 +587,105 @@ def test_wait_helpers_time_out_clearly(rclpy_context):
             spin_until(node, lambda: False, timeout=0.2)
     finally:
         node.destroy_node()
+
+
+# -------------------------------------------------------------------- more edge cases
+
+def test_padding_with_nan_bit_patterns_does_not_drop_finite_points():
+    # 0xFF padding reads as NaN when the whole buffer is scanned as float32: the exact per-column
+    # check must still keep every point.
+    fields = [*XY, Field('z', 8, 7)]
+    pts = [dict(x=float(i), y=1.0, z=2.0) for i in range(5)]
+    data = build(fields, [pts], point_step=16, fill=0xFF)
+    dec = decode(Msg(fields, data, width=5, point_step=16))
+    assert dec.indices.tolist() == [0, 1, 2, 3, 4]
+    np.testing.assert_array_equal(dec.xyz[:, 0], np.arange(5, dtype=np.float32))
+
+
+@pytest.mark.parametrize('x_offset, point_step', [(1, 17), (2, 15), (4, 16)])
+def test_unaligned_float32_xyz(x_offset, point_step):
+    fields = [Field('x', x_offset, 7), Field('y', x_offset + 4, 7), Field('z', x_offset + 8, 7)]
+    pts = [dict(x=0.5 * i, y=-1.0 * i, z=3.0) for i in range(7)]
+    pts[2]['y'] = float('nan')
+    data = build(fields, [pts], point_step=point_step)
+    for container in (data, np.frombuffer(b'\0' + data, np.uint8)[1:]):   # also an odd buffer address
+        dec = decode(Msg(fields, container, width=7, point_step=point_step))
+        assert_matches(dec, brute_force(fields, data, width=7, height=1, point_step=point_step,
+                                        row_step=7 * point_step, bigendian=False))
+
+
+def test_indices_are_read_only_and_scatter_checks_shape():
+    fields = [*XY, Field('z', 8, 7)]
+    dec = decode(Msg(fields, np.zeros(12 * 4, np.uint8), width=4, point_step=12))
+    assert dec.indices.tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError):
+        dec.indices[0] = 5    # shared cached arange must not be corrupted by callers
+    again = decode(Msg(fields, np.zeros(12 * 4, np.uint8), width=4, point_step=12))
+    assert again.indices.tolist() == [0, 1, 2, 3]
+    with pytest.raises(CloudError, match=r'expected \(4, \.\.\.\)'):
+        dec.scatter(np.zeros(3))
+
+
+def test_encode_empty_cloud_roundtrip():
+    pytest.importorskip('sensor_msgs.msg')
+    msg = encode(np.zeros((0, 3), np.float32), {'speed': np.zeros(0, np.float32)})
+    assert (msg.width, msg.row_step, len(msg.data), msg.point_step) == (0, 0, 0, 16)
+    dec = decode(msg)
+    assert dec.xyz.shape == (0, 3) and dec.n_input == 0
+
+
+_ENCODABLE = [np.bool_, np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.float16, np.float32,
+              np.float64]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 12), st.lists(st.sampled_from(range(len(_ENCODABLE))), max_size=6),
+       st.integers(0, 2 ** 32 - 1))
+def test_encode_random_fields_read_back_by_reference(n, kinds, seed):
+    rng = np.random.default_rng(seed)
+    xyz = rng.uniform(-1e3, 1e3, (n, 3))
+    fields = {}
+    for i, k in enumerate(kinds):
+        t = np.dtype(_ENCODABLE[k])
+        if t.kind == 'f':
+            values = rng.uniform(-1e3, 1e3, n).astype(t)
+        elif t.kind == 'b':
+            values = rng.random(n) > 0.5
+        else:
+            info = np.iinfo(t)
+            values = rng.integers(info.min, info.max, n, endpoint=True, dtype=t)
+        fields[f'f{i}_{t.name}'] = values
+    spec, data, point_step = encode_buffer(xyz, fields)
+    sizes = {1: 1, 2: 1, 3: 2, 4: 2, 5: 4, 6: 4, 7: 4, 8: 8}
+    ends = sorted((off, off + sizes[dt]) for _, off, dt, _ in spec)
+    assert all(a[1] <= b[0] for a, b in zip(ends, ends[1:]))                  # no overlap
+    assert all(off % sizes[dt] == 0 for _, off, dt, _ in spec)                 # natural alignment
+    assert point_step % max(sizes[dt] for _, _, dt, _ in spec) == 0 and ends[-1][1] <= point_step
+    assert data.size == n * point_step
+    covered = np.zeros(point_step, bool)
+    for lo, hi in ends:
+        covered[lo:hi] = True
+    assert not data.reshape(n, point_step)[:, ~covered].any()                 # padding is zero
+    msg = Msg([Field(*f) for f in spec], data, width=n, point_step=point_step)
+    ref, _ = ref_read_points(msg)
+    np.testing.assert_array_equal(ref['x'], xyz[:, 0].astype(np.float32))
+    for name, values in fields.items():
+        expect = values.astype(np.uint8) if values.dtype == np.bool_ else values
+        expect = expect.astype(np.float32) if values.dtype == np.float16 else expect
+        assert ref[name].dtype == expect.dtype, name
+        np.testing.assert_array_equal(ref[name], expect, err_msg=name)
+
+
+def test_encode_rclpy_with_field_checks_enabled():
+    """ROS_PYTHON_CHECK_FIELDS=1 makes rosidl validate every field type; run it in a fresh interpreter."""
+    pytest.importorskip('sensor_msgs.msg')
+    import os
+    import subprocess
+    code = ('import numpy as np\n'
+            'from zeroflow_ros.core.pointcloud2 import encode, decode\n'
+            'm = encode(np.ones((5, 3), np.float32), {"speed": np.arange(5, dtype=np.float32),\n'
+            '           "is_dynamic": np.ones(5, bool)}, frame_id="f", stamp_ns=7)\n'
+            'assert m._check_fields and decode(m).xyz.shape == (5, 3)\n')
+    env = dict(os.environ, ROS_PYTHON_CHECK_FIELDS='1')
+    out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr

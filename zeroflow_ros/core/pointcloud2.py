@@ -513,6 +513,9 @@ def encode(xyz: Any, fields: Mapping[str, Any] | None = None, *, header: Any = N
     xyz, plan, point_step, packed = _plan(xyz, fields or {})
     n = xyz.shape[0]
     size = n * point_step
+    if size >= 2 ** 32:
+        raise CloudError(f'{n} points x point_step {point_step} = {size} bytes: expected < 2^32 '
+                         '(row_step is a uint32)')
     if _is_rclpy_class(msg_cls):
         # Fill the array.array in place: the message then owns the only copy of the bytes.
         data: Any = array.array('B', b'\0') * size
