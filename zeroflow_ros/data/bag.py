@@ -104,9 +104,8 @@ def _open_reader(path: Path):
 
 def _info_from(reader, path: Path) -> BagInfo:
     topics = {name: BagTopic(name, t.msgtype, int(t.msgcount or 0)) for name, t in reader.topics.items()}
-    storage = 'mcap' if any(str(p).endswith('.mcap') for p in getattr(reader, 'paths', [])) else 'sqlite3'
-    if path.suffix == '.mcap':
-        storage = 'mcap'
+    files = [path] if path.is_file() else list(path.iterdir())
+    storage = 'mcap' if any(f.suffix == '.mcap' for f in files) else 'sqlite3'
     return BagInfo(path, storage, topics, int(reader.start_time or 0), int(reader.end_time or 0),
                    int(reader.message_count or 0))
 
@@ -318,7 +317,7 @@ def write_bag(out: Path, records: Iterable[CloudRecord], *, topic: str = '/lidar
     writer.open()
     try:
         pc_conn = writer.add_connection(topic, POINTCLOUD2, typestore=ts)
-        od_conn = writer.add_connection(odom_topic, ODOMETRY, typestore=ts) if odom_topic else None
+        od_conn = None
         for rec in records:
             stamp = int(rec.stamp_ns)
             if prev is not None and stamp <= prev:
@@ -326,7 +325,10 @@ def write_bag(out: Path, records: Iterable[CloudRecord], *, topic: str = '/lidar
             prev = stamp
             msg = encode(rec.points, rec.fields, frame_id=frame_id, stamp_ns=stamp, msg_cls=pc_cls)
             writer.write(pc_conn, stamp, ts.serialize_cdr(msg, POINTCLOUD2))
-            if od_conn is not None and rec.pose is not None:
+            if odom_topic and rec.pose is not None:
+                if od_conn is None:
+                    # Only sources with poses get an odometry topic: an empty one would mislead readers.
+                    od_conn = writer.add_connection(odom_topic, ODOMETRY, typestore=ts)
                 writer.write(od_conn, stamp, ts.serialize_cdr(
                     _odometry(odom_cls, T, rec.pose, stamp, odom_frame, frame_id), ODOMETRY))
             n += 1
