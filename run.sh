@@ -16,7 +16,18 @@ want=$(cat setup.py run.sh | sha256sum | cut -c1-16)
 stamp="$VENV/.zeroflow-installed-$want"
 if [ ! -f "$stamp" ]; then
   echo "[run.sh] setting up $VENV (first run: a few minutes) ..."
-  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  if [ ! -x "$VENV/bin/python" ]; then
+    # Debian splits venv out of python3; install it when we can (root, apt), else say what is missing.
+    if ! "$PY" -m venv "$VENV" 2>/dev/null; then
+      rm -rf "$VENV"
+      if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get install -y -q python3-venv >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q python3-venv >/dev/null; }
+        "$PY" -m venv "$VENV"
+      else
+        echo "[run.sh] '$PY -m venv' failed: install python3-venv (sudo apt-get install python3-venv)" >&2; exit 1
+      fi
+    fi
+  fi
   # A ROS wheel bootstrap flag inherited from another venv breaks rclpy's library path.
   unset _ROS_WHEELS_BOOTSTRAP_COMPLETE
   "$VENV/bin/python" -m pip install -q --upgrade pip
