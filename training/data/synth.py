@@ -30,7 +30,9 @@ Conventions and simplifications (say them out loud, they matter for what a model
   last one in annotation order, as in av2. ``is_ground`` is the simulator's knowledge (the ray
   hit the road, a sidewalk or a curb); ``instance_id`` is the object whose surface the ray hit
   (-1 for the unannotated static world).
-* Cuboids are annotated for every track whose centre lies within ``max_range`` of the ego.
+* A track is annotated at a sweep when its centre lies within ``max_range`` of the ego and its
+  cuboid holds at least one point of that sweep (``num_interior_pts`` > 0; av2's loader drops
+  the others, so a track that loses all its points at t+1 makes its points at t invalid).
 * Intensity is plausible, not physical: surface reflectivity, range fall-off and noise.
 
 Splits and seeds: ``train`` log i uses seed ``S + i``; ``val`` log i uses seed
@@ -362,6 +364,8 @@ def simulate_log(seed: int, sweeps: int, lidar: LidarConfig | None = None,
         for (trk, ego_T_obj), q, Rq in zip(track_poses, quats, Rqs):
             tvec = ego_T_obj[:3, 3]
             n_in = int(interior_mask(pts, index, Rq, tvec, trk.dims).sum())
+            if n_in == 0:
+                continue    # as AV2: no cuboid without a lidar point (av2's loader drops them too)
             ann_rows.append((int(stamps[k]), trk.uuid, trk.category, float(trk.dims[0]), float(trk.dims[1]),
                              float(trk.dims[2]), *map(float, q), *map(float, tvec), n_in))
     ann = pd.DataFrame(ann_rows, columns=list(ANNOTATION_COLUMNS))
