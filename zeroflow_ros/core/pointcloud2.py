@@ -10,11 +10,15 @@ Reading
     points in the input's ``width * height`` order, so any per-point output can be mapped back
     (:meth:`DecodedCloud.scatter`). Points with a non-finite x, y or z are dropped in one
     vectorised pass. When x, y, z are little-endian FLOAT32 at consecutive offsets and no point is
-    dropped, ``xyz`` is a zero-copy strided view of the message buffer (read-only if the buffer
-    is ``bytes``; pass ``copy=True`` for owned, contiguous, writable arrays). Any other layout
+    dropped, ``xyz`` (and a FLOAT32 intensity) are zero-copy strided views of the message buffer
+    (read-only if the buffer is; pass ``copy=True`` for owned, contiguous, writable arrays);
+    ``indices`` is then a read-only slice of a cached ``arange``. Any other layout
     (arbitrary offsets, ``point_step``/``row_step`` padding, big-endian, any of the eight
     PointField datatypes, organised clouds) goes through per-field strided views, still without
-    Python loops over points.
+    Python loops over points. x, y, z of any type are converted to float32, so FLOAT64 values
+    beyond float32 range become inf and their points are dropped like NaN ones. Unlike
+    ``sensor_msgs_py`` the finiteness check runs whatever ``is_dense`` claims, and ``row_step``
+    padding is honoured.
 
 Writing
     :func:`encode_buffer` packs xyz (FLOAT32 at 0, 4, 8) and extra per-point fields, each
@@ -105,7 +109,7 @@ def stamp_to_ns(stamp: Any) -> int:
     """``builtin_interfaces/Time``-like object (``sec``, ``nanosec``) -> integer nanoseconds."""
     try:
         sec, nanosec = int(stamp.sec), int(stamp.nanosec)
-    except AttributeError:
+    except (AttributeError, TypeError, ValueError):
         raise CloudError(f'stamp {stamp!r}: expected an object with integer attributes sec and nanosec'
                          ) from None
     return sec * _NS_PER_S + nanosec
@@ -270,17 +274,22 @@ def _buffer_all_finite(buf: np.ndarray, xyz: np.ndarray) -> bool:
     """
     if buf.size % 4 or xyz.strides[0] % 4 or not xyz.flags.aligned or buf.ctypes.data % 4:
         return False
+    if xyz.strides[0] > 32:  # wide points: scanning all their words costs more than it saves
+        return False
     return bool(np.isfinite(buf.view(np.float32)).all())
 
 
 _ARANGE = np.arange(0, dtype=np.int64)
+_ARANGE_CACHE_MAX = 1 << 22  # 32 MiB of int64 at most; bigger clouds get a fresh arange
 
 
 def _arange(n: int) -> np.ndarray:
     """Read-only ``arange(n)`` sliced from a cached one: the all-kept indices cost nothing per frame."""
     global _ARANGE
+    if n > _ARANGE_CACHE_MAX:
+        return np.arange(n, dtype=np.int64)
     if _ARANGE.size < n:
-        grown = np.arange(max(n, 2 * _ARANGE.size), dtype=np.int64)
+        grown = np.arange(min(max(n, 2 * _ARANGE.size), _ARANGE_CACHE_MAX), dtype=np.int64)
         grown.flags.writeable = False
         _ARANGE = grown  # a swap, not an in-place resize: views handed out earlier stay valid
     return _ARANGE[:n]
@@ -345,7 +354,7 @@ def decode(msg: Any, max_points: int | None = None, *, copy: bool = False) -> De
             and fy.offset == fx.offset + 4 and fz.offset == fx.offset + 8)
     if fast:
         # One (N, 3) strided float32 view straight into the buffer; kept as is when all finite.
-        xyz = np.ndarray((n, 3), np.float32, buffer=buf, offset=fx.offset, strides=(point_step, 4))
+        xyz = np.ndarray((n, 3), '<f4', buffer=buf, offset=fx.offset, strides=(point_step, 4))
         keep = None if _buffer_all_finite(buf, xyz) else _finite_mask(xyz)
         if keep is not None or copy or not xyz.flags.aligned:
             xyz = _gather_rows(xyz, keep)
@@ -426,12 +435,14 @@ def _plan(xyz: Any, fields: Mapping[str, Any]) -> tuple[np.ndarray, _Plan, int, 
         offset += dtype.itemsize
         align = max(align, dtype.itemsize)
     point_step = -(-offset // align) * align
+    if n * point_step >= 2 ** 32:
+        raise CloudError(f'{n} points x point_step {point_step} = {n * point_step} bytes: expected < 2^32 '
+                         '(row_step is a uint32)')
     packed = sum(d.itemsize for _, _, d, _ in plan) + 12 == point_step
     return xyz, plan, point_step, packed
 
 
-def _fill(out: np.ndarray, xyz: np.ndarray, plan: _Plan,
-          point_step: int) -> None:
+def _fill(out: np.ndarray, xyz: np.ndarray, plan: _Plan, point_step: int) -> None:
     n = xyz.shape[0]
     if n == 0:
         return
@@ -513,9 +524,6 @@ def encode(xyz: Any, fields: Mapping[str, Any] | None = None, *, header: Any = N
     xyz, plan, point_step, packed = _plan(xyz, fields or {})
     n = xyz.shape[0]
     size = n * point_step
-    if size >= 2 ** 32:
-        raise CloudError(f'{n} points x point_step {point_step} = {size} bytes: expected < 2^32 '
-                         '(row_step is a uint32)')
     if _is_rclpy_class(msg_cls):
         # Fill the array.array in place: the message then owns the only copy of the bytes.
         data: Any = array.array('B', b'\0') * size
