@@ -15,9 +15,10 @@ Writing (:func:`write_bag`, ``zeroflow data to-bag``): clouds as FLOAT32 x, y, z
 
 Bad input (unknown topic, wrong message type, empty bag, stamps not increasing) raises
 :class:`BagError` (a :class:`~zeroflow_ros.data.av2.DataError`) listing the bag's topics and types.
-A truncated or corrupt bag raises :class:`BagError` as well, when opened or at the first message
-that cannot be read: the clouds before the break have already been yielded by the iterators,
-nothing after it is guessed (run ``mcap recover`` / ``ros2 bag reindex`` to salvage the rest).
+A truncated mcap file (a recorder killed before writing the footer, a copy cut short) is read up
+to the break, with a warning giving the number of messages read; nothing after it is guessed
+(``mcap recover`` rewrites such a file). Other corrupt bags (e.g. a truncated sqlite3 file) raise
+:class:`BagError` when opened or at the first message that cannot be read.
 """
 from __future__ import annotations
 
@@ -87,39 +88,99 @@ class BagInfo:
         return ', '.join(f'{t.name} [{t.msgtype}, {t.count} msgs]' for t in self.topics.values())
 
 
-def _open_reader(path: Path):
-    from rosbags.rosbag2 import Reader
+class _RosbagsSource:
+    """A complete bag read with rosbags (folder with metadata.yaml, or a bare .mcap/.db3 file)."""
+
+    def __init__(self, path: Path):
+        from rosbags.rosbag2 import Reader
+        self.reader = Reader(path)
+        self.reader.open()
+        r = self.reader
+        topics = {name: BagTopic(name, t.msgtype, int(t.msgcount or 0)) for name, t in r.topics.items()}
+        files = [path] if path.is_file() else list(path.iterdir())
+        storage = 'mcap' if any(f.suffix == '.mcap' for f in files) else 'sqlite3'
+        self.info = BagInfo(path, storage, topics, int(r.start_time or 0), int(r.end_time or 0),
+                            int(r.message_count or 0))
+
+    def raw_messages(self, topic: str) -> Iterator[tuple[int, str, bytes]]:
+        conns = [c for c in self.reader.connections if c.topic == topic]
+        for conn, log_ns, raw in self.reader.messages(connections=conns):
+            yield int(log_ns), conn.msgtype, raw
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class _McapStreamSource:
+    """An mcap file without a valid footer (recorder killed, copy cut short), streamed up to the break."""
+
+    def __init__(self, file: Path, path: Path):
+        self.file = file
+        topics: dict[str, BagTopic] = {}
+        stamps: list[int] = []
+        for log_ns, topic, msgtype, _ in self._records():
+            t = topics.setdefault(topic, BagTopic(topic, msgtype, 0))
+            t.count += 1
+            stamps.append(log_ns)
+        self.info = BagInfo(path, 'mcap', topics, min(stamps, default=0), max(stamps, default=0), len(stamps))
+
+    def _records(self) -> Iterator[tuple[int, str, str, bytes]]:
+        from mcap.exceptions import McapError
+        from mcap.records import Channel, Message, Schema
+        from mcap.stream_reader import StreamReader
+        schemas: dict[int, str] = {}
+        channels: dict[int, tuple[str, str]] = {}
+        with open(self.file, 'rb') as fh:
+            try:
+                for rec in StreamReader(fh).records:
+                    if isinstance(rec, Schema):
+                        schemas[rec.id] = rec.name
+                    elif isinstance(rec, Channel):
+                        channels[rec.id] = (rec.topic, schemas.get(rec.schema_id, ''))
+                    elif isinstance(rec, Message) and rec.channel_id in channels:
+                        topic, msgtype = channels[rec.channel_id]
+                        yield int(rec.log_time), topic, msgtype, rec.data
+            except (McapError, EOFError, ValueError, OSError):
+                # The break: everything before it has been yielded.
+                return
+
+    def raw_messages(self, topic: str) -> Iterator[tuple[int, str, bytes]]:
+        for log_ns, t, msgtype, raw in self._records():
+            if t == topic:
+                yield log_ns, msgtype, raw
+
+    def close(self) -> None:
+        pass
+
+
+def _open_source(path: Path):
     path = Path(path)
     if not path.exists():
         raise BagError(f'{path}: bag not found')
     try:
-        reader = Reader(path)
-        reader.open()
+        return _RosbagsSource(path)
     except Exception as exc:  # rosbags raises ReaderError, sqlite3/mcap errors, KeyError on bad yaml ...
-        raise BagError(f'{path}: cannot open as a rosbag2 (mcap or sqlite3) bag: '
-                       f'{type(exc).__name__}: {exc}. '
-                       'A truncated bag may be salvaged with `mcap recover` or `ros2 bag reindex`.') from None
-    return reader
-
-
-def _info_from(reader, path: Path) -> BagInfo:
-    topics = {name: BagTopic(name, t.msgtype, int(t.msgcount or 0)) for name, t in reader.topics.items()}
-    files = [path] if path.is_file() else list(path.iterdir())
-    storage = 'mcap' if any(f.suffix == '.mcap' for f in files) else 'sqlite3'
-    return BagInfo(path, storage, topics, int(reader.start_time or 0), int(reader.end_time or 0),
-                   int(reader.message_count or 0))
+        first = f'{type(exc).__name__}: {exc}'
+    mcaps = [path] if path.suffix == '.mcap' else (sorted(path.glob('*.mcap')) if path.is_dir() else [])
+    if len(mcaps) == 1 and mcaps[0].is_file():
+        src = _McapStreamSource(mcaps[0], path)
+        if src.info.message_count:
+            logger.warning('%s: truncated mcap (%s); reading the %d messages before the break. '
+                           '`mcap recover` can rewrite it as a complete file.', mcaps[0], first,
+                           src.info.message_count)
+            return src
+    raise BagError(f'{path}: cannot open as a rosbag2 (mcap or sqlite3) bag: {first}. A truncated bag may '
+                   'be salvaged with `mcap recover` (mcap) or `ros2 bag reindex` (sqlite3).')
 
 
 def bag_info(path: Path) -> BagInfo:
     """Topics, types, message counts and time span of a bag (folder, or a bare .mcap/.db3 file)."""
-    reader = _open_reader(path)
-    try:
-        return _info_from(reader, Path(path))
-    finally:
-        reader.close()
+    src = _open_source(path)
+    src.close()
+    return src.info
 
 
-def _connections(reader, info: BagInfo, topic: str, msgtype: str) -> list:
+def _check_topic(info: BagInfo, topic: str, msgtype: str) -> None:
     if topic not in info.topics:
         raise BagError(f'{info.path}: no topic {topic!r}; the bag has {info.describe_topics()}')
     have = info.topics[topic].msgtype
@@ -128,27 +189,28 @@ def _connections(reader, info: BagInfo, topic: str, msgtype: str) -> list:
                        f'the bag has {info.describe_topics()}')
     if info.topics[topic].count == 0:
         raise BagError(f'{info.path}: topic {topic!r} has no messages; the bag has {info.describe_topics()}')
-    return [c for c in reader.connections if c.topic == topic]
 
 
-def _messages(reader, info: BagInfo, conns: list) -> Iterator[tuple[int, Any]]:
-    """(log time, deserialised message), wrapping storage/CDR errors into BagError."""
+def _messages(src, topic: str, msgtype: str) -> Iterator[tuple[int, Any]]:
+    """(log time, deserialised message) of one topic, wrapping storage/CDR errors into BagError."""
+    info = src.info
+    _check_topic(info, topic, msgtype)
     ts = typestore()
-    it = reader.messages(connections=conns)
+    it = src.raw_messages(topic)
     k = 0
     while True:
         try:
-            conn, log_ns, raw = next(it)
+            log_ns, have, raw = next(it)
         except StopIteration:
             return
         except Exception as exc:
-            raise BagError(f'{info.path}: cannot read message {k} of {conns[0].topic!r} '
+            raise BagError(f'{info.path}: cannot read message {k} of {topic!r} '
                            f'(truncated or corrupt bag?): {type(exc).__name__}: {exc}') from None
         try:
-            msg = ts.deserialize_cdr(raw, conn.msgtype)
+            msg = ts.deserialize_cdr(raw, have)
         except Exception as exc:
-            raise BagError(f'{info.path}: message {k} of {conns[0].topic!r} does not deserialise as '
-                           f'{conn.msgtype}: {type(exc).__name__}: {exc}') from None
+            raise BagError(f'{info.path}: message {k} of {topic!r} does not deserialise as '
+                           f'{have}: {type(exc).__name__}: {exc}') from None
         yield int(log_ns), msg
         k += 1
 
@@ -198,13 +260,12 @@ def interpolate_pose(T0: np.ndarray, T1: np.ndarray, a: float) -> np.ndarray:
 
 def read_odometry(path: Path, topic: str) -> OdometryTrack:
     """All ``nav_msgs/Odometry`` poses of a topic (header stamps must increase)."""
-    reader = _open_reader(path)
+    src = _open_source(path)
+    info = src.info
     try:
-        info = _info_from(reader, Path(path))
-        conns = _connections(reader, info, topic, ODOMETRY)
         stamps, poses = [], []
         frame = child = ''
-        for _, msg in _messages(reader, info, conns):
+        for _, msg in _messages(src, topic, ODOMETRY):
             p = msg.pose.pose
             stamps.append(_stamp(msg))
             o = p.orientation
@@ -212,7 +273,7 @@ def read_odometry(path: Path, topic: str) -> OdometryTrack:
                                         (p.position.x, p.position.y, p.position.z)))
             frame, child = msg.header.frame_id, msg.child_frame_id
     finally:
-        reader.close()
+        src.close()
     st = np.array(stamps, dtype=np.int64)
     _check_increasing(info, topic, st)
     return OdometryTrack(st, np.stack(poses), frame, child)
@@ -236,12 +297,11 @@ class BagCloud:
 def iter_clouds(path: Path, topic: str) -> Iterator[BagCloud]:
     """Yield the decoded PointCloud2 messages of ``topic`` in log order; header stamps must increase."""
     from zeroflow_ros.core.pointcloud2 import CloudError, decode
-    reader = _open_reader(path)
+    src = _open_source(path)
+    info = src.info
     try:
-        info = _info_from(reader, Path(path))
-        conns = _connections(reader, info, topic, POINTCLOUD2)
         prev = None
-        for k, (log_ns, msg) in enumerate(_messages(reader, info, conns)):
+        for k, (log_ns, msg) in enumerate(_messages(src, topic, POINTCLOUD2)):
             stamp = _stamp(msg)
             if prev is not None and stamp <= prev:
                 raise BagError(f'{info.path}: header stamps of {topic!r} not increasing at messages '
@@ -254,7 +314,7 @@ def iter_clouds(path: Path, topic: str) -> Iterator[BagCloud]:
                 raise BagError(f'{info.path}: message {k} of {topic!r}: {exc}') from None
             yield BagCloud(stamp, log_ns, cloud)
     finally:
-        reader.close()
+        src.close()
 
 
 @dataclass
