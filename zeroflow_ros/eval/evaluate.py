@@ -268,34 +268,45 @@ def format_table(res: EvalResult) -> str:
 
 
 def plot_buckets(res: BucketedResult, path: Path, title: str = '') -> None:
-    """EPE per speed bucket and meta-class (raw and normalised), matplotlib Agg."""
+    """EPE per speed bucket and meta-class (raw and normalised), matplotlib Agg.
+
+    Each marker is one non-empty (class, bucket) cell at the mean ground-truth speed of its points,
+    so the open last bucket (>= 20 m/s) sits where its points are; marker area grows with the count.
+    """
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    centres = res.edges[:-1] + np.diff(np.where(np.isinf(res.edges), res.edges[-2] + 0.04, res.edges)) / 2
-    speeds_ms = centres * 10.0  # metres per 0.1 s frame -> m/s
+    speeds_ms = res.speed * 10.0  # metres per 0.1 s frame -> m/s
     norm = res.normalized()
+    style = dict(BACKGROUND=('tab:gray', 'o'), CAR=('tab:blue', 's'), PEDESTRIAN=('tab:orange', '^'),
+                 WHEELED_VRU=('tab:green', 'D'), OTHER_VEHICLES=('tab:red', 'v'))
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    markers = dict(BACKGROUND='o', CAR='s', PEDESTRIAN='^', WHEELED_VRU='D', OTHER_VEHICLES='v')
     for i, c in enumerate(res.classes):
+        colour, marker = style.get(c, ('k', 'o'))
         ok = res.count[i] > 0
-        if not ok.any():
-            continue
-        axes[0].plot(speeds_ms[ok], res.epe[i, ok], marker=markers.get(c, 'o'), ms=4, lw=1, label=c)
-        ok_d = ok.copy()
-        ok_d[0] = False
-        if ok_d.any():
-            axes[1].plot(speeds_ms[ok_d], norm[i, ok_d], marker=markers.get(c, 'o'), ms=4, lw=1, label=c)
-    axes[0].set(xlabel='ground-truth speed (m/s, bucket centre; last = >= 20 m/s)', ylabel='mean EPE (m)',
+        size = 8 + 40 * np.sqrt(res.count[i] / max(1, res.count.max()))
+        if ok.any():
+            axes[0].plot(speeds_ms[i, ok], res.epe[i, ok], color=colour, lw=1, alpha=0.6)
+            axes[0].scatter(speeds_ms[i, ok], res.epe[i, ok], s=size[ok], color=colour, marker=marker,
+                            label=c)
+        dyn = ok.copy()
+        dyn[0] = False
+        if dyn.any():
+            axes[1].plot(speeds_ms[i, dyn], norm[i, dyn], color=colour, lw=1, alpha=0.6)
+            axes[1].scatter(speeds_ms[i, dyn], norm[i, dyn], s=size[dyn], color=colour, marker=marker,
+                            label=c)
+    axes[0].axvspan(0, res.edges[1] * 10, color='0.9', zorder=0, label='static bucket (< 0.4 m/s)')
+    axes[0].set(xlabel='mean ground-truth speed of the bucket (m/s)', ylabel='mean EPE (m)',
                 title='EPE per speed bucket')
-    axes[1].set(xlabel='ground-truth speed (m/s, bucket centre)', ylabel='EPE / mean speed of the bucket',
+    axes[1].axhline(1.0, color='k', lw=0.8, ls='--', label='= predicting no motion')
+    axes[1].set(xlabel='mean ground-truth speed of the bucket (m/s)', ylabel='mean EPE / mean speed',
                 title='normalised EPE (dynamic buckets)')
-    axes[0].axvspan(0, res.edges[1] * 10, color='0.9', zorder=0, label='static bucket')
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     ms, md = res.mean()
-    fig.suptitle(f'{title}  mean static EPE {_fmt(ms)} m, mean dynamic normalised EPE {_fmt(md)}'.strip())
+    fig.suptitle(f'{title}  mean static EPE {_fmt(ms)} m, mean dynamic normalised EPE {_fmt(md)} '
+                 '(points within 35 m)'.strip())
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
