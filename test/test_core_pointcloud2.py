@@ -689,3 +689,49 @@ def test_encode_rclpy_with_field_checks_enabled():
     env = dict(os.environ, ROS_PYTHON_CHECK_FIELDS='1')
     out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_clouds(), st.sampled_from(['data', 'point_step', 'row_step', 'offset', 'width', 'height']),
+       st.integers(-40, 40))
+def test_corrupted_geometry_raises_cloud_error_or_decodes_correctly(cloud, what, delta):
+    """Any inconsistent size field must give CloudError; a consistent one must decode like brute force."""
+    fields, data, geo = cloud
+    geo = dict(geo)
+    if what == 'data':
+        data = data[:max(0, len(data) + delta)] if delta < 0 else data + bytes(delta)
+    elif what == 'offset':
+        f = fields[0]
+        fields = [Field(f.name, max(0, f.offset + delta), f.datatype, f.count)] + fields[1:]
+    else:
+        geo[what] = max(0, geo[what] + delta)
+    msg = Msg(fields, data, width=geo['width'], height=geo['height'], point_step=geo['point_step'],
+              row_step=geo['row_step'], bigendian=geo['bigendian'])
+    try:
+        dec = decode(msg)
+    except CloudError:
+        return
+    # accepted: the geometry is self-consistent, so the brute-force reading must agree
+    assert len(data) == geo['row_step'] * geo['height']
+    assert all(f.offset + SIZE[f.datatype] * f.count <= geo['point_step'] for f in fields)
+    with np.errstate(over='ignore'):
+        assert_matches(dec, brute_force(fields, data, **geo))
+
+
+def test_ros_domain_fixture_sets_local_discovery(ros_domain):
+    import os
+    assert os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] == 'LOCALHOST'
+    assert os.environ['ROS_DOMAIN_ID'] == str(ros_domain) and 0 <= ros_domain <= 101
+
+
+def test_unique_domain_id(monkeypatch):
+    import os
+
+    from zeroflow_ros.testing import unique_domain_id
+    monkeypatch.delenv('ROS_DOMAIN_ID', raising=False)
+    assert unique_domain_id() == os.getpid() % 100 + 1
+    monkeypatch.setenv('ROS_DOMAIN_ID', '42')
+    assert unique_domain_id() == 42
+    monkeypatch.setenv('ROS_DOMAIN_ID', '300')
+    with pytest.raises(ValueError, match='0..101'):
+        unique_domain_id()

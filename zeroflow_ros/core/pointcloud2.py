@@ -248,7 +248,8 @@ class _Layout:
             view = view.reshape(-1)  # copies: rows are padded
         if keep is not None:
             view = view[keep]
-        return view.astype(dtype, copy=False)
+        with np.errstate(over='ignore'):  # a FLOAT64 channel beyond float32 range becomes inf, as in C
+            return view.astype(dtype, copy=False)
 
 
 def _finite_mask(xyz: np.ndarray) -> np.ndarray | None:
