@@ -1,0 +1,303 @@
+"""Backends behind create_backend: agreement, scatter-back contract, fallback chain, engine cache."""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+pytest.importorskip('onnxruntime')
+torch = pytest.importorskip('torch')
+
+from zeroflow_ros.backends import (AUTO_ORDER, BACKEND_NAMES, BackendError,  # noqa: E402
+                                   create_backend, resolve_model)
+from zeroflow_ros.backends.trt_backend import (EngineMismatch, engine_filename, gpu_slug,  # noqa: E402
+                                               load_or_build)
+from zeroflow_ros.core.voxelize import pillarize  # noqa: E402
+from zeroflow_ros.manifest import MANIFEST_NAME, sha256_file  # noqa: E402
+from zeroflow_ros.model import FastFlow3DConfig, load_checkpoint  # noqa: E402
+from zeroflow_training.export import export_onnx, make_random_checkpoint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+KITTI = ROOT / 'data' / 'samples' / 'kitti_raw_sfnd_seq' / 'velodyne_points' / 'data'
+TINY = dict(name='test_tiny', pillar_size=0.8, embed_channels=8, stage_channels=(8, 16),
+            stage_blocks=(1, 2), head_hidden=8)
+
+
+def _kitti(i: int, step: int = 4) -> np.ndarray:
+    return np.fromfile(KITTI / f'{i:010d}.bin', dtype='<f4').reshape(-1, 4)[::step, :3].copy()
+
+
+@pytest.fixture(scope='module')
+def model_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp('tiny_model')
+    ckpt = make_random_checkpoint(FastFlow3DConfig(**TINY), d / 'model.pt', seed=7)
+    export_onnx(ckpt, d / 'model.onnx', verify=False)
+    return d
+
+
+@pytest.fixture
+def model_copy(model_dir, tmp_path) -> Path:
+    d = tmp_path / 'model'
+    shutil.copytree(model_dir, d)
+    return d
+
+
+@pytest.fixture(scope='module')
+def pair() -> tuple[np.ndarray, np.ndarray]:
+    p0, p1 = _kitti(0), _kitti(1)
+    # hand-built rows: far outside the grid, above it, NaN -> must come back invalid with flow 0
+    extra = np.array([[80.0, 0.0, 0.0], [0.0, 0.0, 9.0], [np.nan, 1.0, 1.0], [-51.0, 51.0, -2.9]],
+                     dtype=np.float32)
+    return np.concatenate([p0, extra]), p1
+
+
+def test_torch_and_onnxruntime_agree_and_follow_the_contract(model_dir, pair):
+    p0, p1 = pair
+    ort_b = create_backend(model_dir, backend='onnxruntime', device='cpu', threads=1)
+    tch_b = create_backend(model_dir / 'model.pt', backend='torch', device='cpu', threads=1)
+    assert (ort_b.name, ort_b.device, tch_b.name, tch_b.device) == ('onnxruntime', 'cpu', 'torch', 'cpu')
+    f_o, v_o = ort_b.infer(p0, p1)
+    f_t, v_t = tch_b.infer(p0, p1)
+    assert f_o.shape == (len(p0), 3) and f_o.dtype == np.float32 and v_o.dtype == bool
+    assert np.array_equal(v_o, v_t)
+    assert float(np.abs(f_o - f_t).max()) <= 1e-4
+    # independent reference: the model called directly on the in-range points, scattered by hand
+    model, _ = load_checkpoint(model_dir / 'model.pt')
+    keep, c0, i0 = pillarize(p0, model.cfg)
+    _, c1, i1 = pillarize(p1, model.cfg)
+    with torch.no_grad():
+        ref_k = model(*(torch.from_numpy(a) for a in (c0, i0, c1, i1))).numpy()
+    assert np.array_equal(v_t, keep)
+    assert np.abs(f_t[keep] - ref_k).max() <= 1e-5
+    assert float(np.abs(ref_k).mean()) > 1e-2          # non-trivial flow, so agreement means something
+    # the four hand-built rows: three out of range / NaN, the last inside a corner pillar
+    assert not v_o[-4:-1].any() and np.all(f_o[-4:-1] == 0) and v_o[-1]
+    t = ort_b.last_timing
+    assert t.points0 == len(p0) and t.in_range0 == int(keep.sum()) and t.in_range1 == len(c1)
+    assert min(t.preprocess_ms, t.inference_ms, t.postprocess_ms) > 0
+    assert t.total_ms == pytest.approx(t.preprocess_ms + t.inference_ms + t.postprocess_ms)
+    d = ort_b.describe()
+    assert d['backend'] == 'onnxruntime' and d['threads'] == 1 and d['grid']['shape'] == [128, 128]
+    assert d['onnx_sha256'] == sha256_file(model_dir / 'model.onnx')
+
+
+def test_auto_on_cpu_prefers_onnxruntime_and_says_why(model_dir, caplog):
+    with caplog.at_level(logging.INFO, logger='zeroflow_ros.backends'):
+        b = create_backend(model_dir, device='cpu', threads=1)
+    assert (b.name, b.device) == ('onnxruntime', 'cpu')
+    assert any('auto -> onnxruntime/cpu' in r.getMessage() for r in caplog.records)
+
+
+def test_empty_and_degenerate_inputs(model_dir):
+    b = create_backend(model_dir, backend='onnxruntime', device='cpu', threads=1)
+    f, v = b.infer(np.zeros((0, 3), np.float32), _kitti(1))
+    assert f.shape == (0, 3) and v.shape == (0,)
+    far = np.full((10, 3), 500.0, np.float32)
+    f, v = b.infer(_kitti(0, 50), far)      # nothing of sweep t+1 in range: no claim of flow
+    assert not v.any() and not f.any()
+    f, v = b.infer(_kitti(0, 50).astype(np.float64), _kitti(1, 50))  # float64 input is accepted
+    assert v.any()
+    with pytest.raises(BackendError, match='points0.*shape'):
+        b.infer(np.zeros((5, 4), np.float32), far)
+    with pytest.raises(BackendError, match='points1.*dtype'):
+        b.infer(far, np.zeros((5, 3), np.int32))
+
+
+def test_clip_above_max_points_keeps_an_even_subset(model_dir, pair, caplog):
+    p0, p1 = pair
+    b = create_backend(model_dir, backend='onnxruntime', device='cpu', threads=1)
+    b.max_points = 1000
+    with caplog.at_level(logging.WARNING):
+        f, v = b.infer(p0, p1)
+    assert v.sum() == 1000 and not f[~v].any()
+    assert any('exceed the engine maximum 1000' in r.getMessage() for r in caplog.records)
+    # the subset is spread over the cloud, not its first 1000 rows
+    rows = np.flatnonzero(v)
+    assert rows[-1] > len(p0) * 0.9
+
+
+def test_unknown_names_raise_listing_valid_ones(model_dir):
+    with pytest.raises(BackendError) as exc:
+        create_backend(model_dir, backend='tensorflow')
+    assert all(n in str(exc.value) for n in ('auto',) + BACKEND_NAMES)
+    with pytest.raises(BackendError, match='cpu, cuda'):
+        create_backend(model_dir, device='tpu')
+    with pytest.raises(BackendError, match='fp32, fp16'):
+        create_backend(model_dir, precision='int8')
+    with pytest.raises(BackendError, match='no such file'):
+        create_backend(model_dir / 'nope')
+    assert [n for n, _ in AUTO_ORDER] == ['tensorrt', 'onnxruntime', 'torch', 'onnxruntime', 'torch']
+
+
+def test_corrupt_onnx_falls_back_to_torch_with_a_log_line(model_copy, pair, caplog):
+    p0, p1 = pair
+    blob = bytearray((model_copy / 'model.onnx').read_bytes())
+    for i in range(len(blob) // 3, len(blob) // 3 + 64):
+        blob[i] ^= 0xA5          # flips bits whatever is there (the graph holds zero-filled constants)
+    (model_copy / 'model.onnx').write_bytes(bytes(blob))
+    with caplog.at_level(logging.INFO, logger='zeroflow_ros.backends'):
+        b = create_backend(model_copy, device='cpu', threads=1)
+    assert (b.name, b.device) == ('torch', 'cpu')
+    warn = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any('onnxruntime-cpu failed' in w and 'sha256' in w for w in warn), warn
+    chosen = [r.getMessage() for r in caplog.records if 'auto -> torch/cpu' in r.getMessage()]
+    assert chosen and 'onnxruntime-cpu: failed' in chosen[0]
+    f, v = b.infer(p0, p1)
+    assert v.any() and np.isfinite(f).all()
+    # an explicit backend never falls back
+    with pytest.raises(BackendError, match='sha256'):
+        create_backend(model_copy, backend='onnxruntime', device='cpu')
+
+
+def test_unloadable_onnx_with_matching_hash_also_falls_back(model_copy, caplog):
+    # the sha check passes (manifest updated), so this exercises onnxruntime's own load error
+    (model_copy / 'model.onnx').write_bytes(b'not an onnx model at all')
+    data = yaml.safe_load((model_copy / MANIFEST_NAME).read_text())
+    data['onnx']['sha256'] = sha256_file(model_copy / 'model.onnx')
+    (model_copy / MANIFEST_NAME).write_text(yaml.safe_dump(data))
+    with caplog.at_level(logging.WARNING, logger='zeroflow_ros.backends'):
+        b = create_backend(model_copy, device='cpu', threads=1)
+    assert b.name == 'torch'
+    assert any('cannot load' in r.getMessage() for r in caplog.records)
+
+
+def test_unknown_manifest_version_is_reported(model_copy):
+    data = yaml.safe_load((model_copy / MANIFEST_NAME).read_text())
+    data['format_version'] = 7
+    (model_copy / MANIFEST_NAME).write_text(yaml.safe_dump(data))
+    with pytest.raises(BackendError, match='format_version 7 is not supported.*version'):
+        create_backend(model_copy, device='cpu')
+
+
+def test_resolve_model_kinds(model_dir, tmp_path):
+    src = resolve_model(model_dir)
+    assert src.onnx == model_dir / 'model.onnx' and src.checkpoint == model_dir / 'model.pt'
+    assert src.offers() == {'tensorrt': None, 'onnxruntime': None, 'torch': None}
+    only_onnx = tmp_path / 'only_onnx'
+    only_onnx.mkdir()
+    for name in ('model.onnx', MANIFEST_NAME):
+        shutil.copy(model_dir / name, only_onnx / name)
+    src = resolve_model(only_onnx / 'model.onnx')
+    assert src.checkpoint is None and 'model.pt' in src.offers()['torch']
+    with pytest.raises(BackendError, match='torch: no checkpoint'):
+        create_backend(only_onnx, backend='torch')
+    lone = tmp_path / 'lone'
+    lone.mkdir()
+    shutil.copy(model_dir / 'model.onnx', lone / 'model.onnx')
+    with pytest.raises(BackendError, match=f'no {MANIFEST_NAME} beside it'):
+        resolve_model(lone / 'model.onnx')
+    (lone / 'model.engine').write_bytes(b'x')
+    with pytest.raises(BackendError, match='check the engine against'):
+        resolve_model(lone / 'model.engine')
+
+
+# ------------------------------------------------------------------ engine cache (no GPU needed)
+
+def test_engine_filename_names_everything_it_depends_on():
+    sha = 'ab12cd34' + '0' * 56
+    assert engine_filename(sha, 'fp16', '10.3.0.26', 'NVIDIA H100 80GB HBM3') == \
+        'model.ab12cd34.fp16.trt10.3.0.nvidia-h100-80gb-hbm3.engine'
+    assert gpu_slug('  ') == 'unknown-gpu'
+    with pytest.raises(BackendError, match='precision'):
+        engine_filename(sha, 'int8', '10.3', 'x')
+
+
+class _FakeRuntime:
+    """Serialised 'engines' are b'ENGINE:<io>'; anything else fails to deserialize like a corrupt file."""
+
+    def __init__(self, io: str):
+        self.io = io
+        self.builds = 0
+
+    def build(self, tmp: Path) -> None:
+        self.builds += 1
+        tmp.write_bytes(b'ENGINE:' + self.io.encode())
+
+    def load(self, blob: bytes) -> str:
+        if not blob.startswith(b'ENGINE:'):
+            raise EngineMismatch('cannot deserialize')
+        return blob[7:].decode()
+
+    def check(self, engine: str) -> None:
+        if engine != self.io:
+            raise EngineMismatch(f'I/O {engine} differs from the manifest {self.io}')
+
+
+def test_engine_cache_builds_once_then_reuses(tmp_path):
+    rt = _FakeRuntime('pc0,idx0,pc1,idx1->flow')
+    path = tmp_path / 'model.engine'
+    eng, built = load_or_build(path, rt.build, rt.load, rt.check)
+    assert built and rt.builds == 1 and path.read_bytes().startswith(b'ENGINE:')
+    eng2, built2 = load_or_build(path, rt.build, rt.load, rt.check)
+    assert not built2 and rt.builds == 1 and eng2 == eng
+    assert not list(tmp_path.glob('*.tmp'))
+
+
+@pytest.mark.parametrize('content, why', [(b'\x00garbage', 'cannot deserialize'),
+                                          (b'ENGINE:old->io', 'differs from the manifest')])
+def test_engine_cache_rebuilds_corrupt_or_mismatching_engine(tmp_path, caplog, content, why):
+    rt = _FakeRuntime('pc0,idx0,pc1,idx1->flow')
+    path = tmp_path / 'model.engine'
+    path.write_bytes(content)
+    with caplog.at_level(logging.WARNING):
+        eng, built = load_or_build(path, rt.build, rt.load, rt.check)
+    assert built and rt.builds == 1 and eng == rt.io
+    lines = [r.getMessage() for r in caplog.records if 'rebuilding TensorRT engine' in r.getMessage()]
+    assert len(lines) == 1 and why in lines[0]
+
+
+def test_engine_cache_failed_build_leaves_old_file_and_no_temp(tmp_path):
+    rt = _FakeRuntime('io')
+    path = tmp_path / 'model.engine'
+    path.write_bytes(b'ENGINE:stale')
+
+    def broken_build(tmp: Path) -> None:
+        tmp.write_bytes(b'half an eng')
+        raise BackendError('builder ran out of memory')
+
+    with pytest.raises(BackendError, match='out of memory'):
+        load_or_build(path, broken_build, rt.load, rt.check)
+    assert path.read_bytes() == b'ENGINE:stale' and not list(tmp_path.glob('*.tmp'))
+
+
+# ------------------------------------------------------------------ GPU (skipped on CPU machines)
+
+def _cuda_or_skip():
+    if not torch.cuda.is_available():
+        pytest.skip('no CUDA device on this machine (GPU-only check)')
+
+
+@pytest.mark.gpu
+def test_torch_cuda_matches_onnxruntime_cpu(model_dir, pair):
+    _cuda_or_skip()
+    p0, p1 = pair
+    gpu = create_backend(model_dir, backend='torch', device='cuda')
+    cpu = create_backend(model_dir, backend='onnxruntime', device='cpu')
+    f_g, v_g = gpu.infer(p0, p1)
+    f_c, v_c = cpu.infer(p0, p1)
+    assert np.array_equal(v_g, v_c) and float(np.abs(f_g - f_c).max()) <= 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('precision, tol', [('fp32', 1e-3), ('fp16', 5e-2)])
+def test_tensorrt_matches_onnxruntime_and_rebuilds_corrupt_engine(model_copy, pair, precision, tol, caplog):
+    _cuda_or_skip()
+    pytest.importorskip('tensorrt', reason='tensorrt not installed (gpu extra)')
+    p0, p1 = pair
+    trt_b = create_backend(model_copy, backend='tensorrt', precision=precision)
+    assert trt_b.built_now and trt_b.engine_path.parent == model_copy
+    cpu = create_backend(model_copy, backend='onnxruntime', device='cpu')
+    f_t, v_t = trt_b.infer(p0, p1)
+    f_c, v_c = cpu.infer(p0, p1)
+    assert np.array_equal(v_t, v_c)
+    assert float(np.abs(f_t - f_c)[v_c].mean()) <= tol / 10 and float(np.abs(f_t - f_c).max()) <= tol
+    # second open reuses the cache; a corrupted cache is rebuilt with one log line
+    assert not create_backend(model_copy, backend='tensorrt', precision=precision).built_now
+    trt_b.engine_path.write_bytes(b'corrupt')
+    with caplog.at_level(logging.WARNING):
+        again = create_backend(model_copy, backend='tensorrt', precision=precision)
+    assert again.built_now and any('rebuilding TensorRT engine' in r.getMessage() for r in caplog.records)
