@@ -96,7 +96,7 @@ class ModelSource:
 
 
 def grid_from_config(model_config: dict[str, Any], where: str) -> PillarGrid:
-    """The pillar grid inside a manifest's or checkpoint's ``model_config``."""
+    """Return the pillar grid inside a manifest's or checkpoint's ``model_config``."""
     try:
         if 'grid' in model_config:
             return as_grid(model_config['grid'])

@@ -67,7 +67,8 @@ class OrtBackend(Backend):
         try:
             self.session = ort.InferenceSession(str(source.onnx), sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            raise BackendError(f'onnxruntime: cannot load {source.onnx}: {type(exc).__name__}: {exc}') from None
+            raise BackendError(f'onnxruntime: cannot load {source.onnx}: '
+                               f'{type(exc).__name__}: {exc}') from None
         self.providers = self.session.get_providers()
         if device == 'cuda' and 'CUDAExecutionProvider' not in self.providers:
             raise BackendError(f'onnxruntime: session fell back to {self.providers}; CUDA is unusable here')

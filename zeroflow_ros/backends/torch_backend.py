@@ -40,7 +40,8 @@ class TorchBackend(Backend):
         if device not in ('cpu', 'cuda'):
             raise BackendError(f"torch: device must be 'cpu' or 'cuda', got {device!r}")
         if precision == 'fp16' and device != 'cuda':
-            raise BackendError('torch: fp16 needs device=cuda (CPU half-precision convs are slower, not faster)')
+            raise BackendError('torch: fp16 needs device=cuda '
+                               '(CPU half-precision convs are slower, not faster)')
         try:
             import torch
         except ImportError as exc:
