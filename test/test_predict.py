@@ -259,3 +259,67 @@ def test_bad_inputs_raise_clear_errors(dataset, tmp_path):
     with pytest.raises(P.PredictError, match=f'{TS0}.feather: .* rows but the mask'):
         P.write_submission(tmp_path / 'p', tmp_path / 'masks.zip', tmp_path / 's.zip')
     assert not (tmp_path / 's.zip').exists()
+
+
+def _expected_from_residual(data: Path, k: int, scored_residual: np.ndarray, mask0: np.ndarray) -> np.ndarray:
+    poses = [yaw_transform(0.02 * j, (0.8 * j, 0.1 * j, 0.0)) for j in range(3)]
+    T = invert(poses[k + 1]) @ poses[k]
+    p0 = _lidar(data, k).astype(np.float64)
+    res = np.zeros_like(p0)
+    res[mask0] = scored_residual
+    return transform_points(T, p0 + res) - p0
+
+
+def test_student_method_scatters_backend_output(dataset, tmp_path):
+    """A random tiny FastFlow3D (torch backend): written flow = backend flow, scattered, in AV2 convention."""
+    pytest.importorskip('torch')
+    from zeroflow_ros.backends import create_backend
+    from zeroflow_ros.core.preprocess import prepare_pair
+    from zeroflow_ros.data.av2 import AV2Log
+    from zeroflow_ros.model import FastFlow3DConfig
+    from zeroflow_training.export import make_random_checkpoint
+    # Range +-20 m: many scored points are out of the model's range (valid False -> static-world flow).
+    cfg = FastFlow3DConfig(name='test_tiny', pillar_size=0.8, embed_channels=8, stage_channels=(8, 16),
+                           stage_blocks=(1, 1), point_cloud_range=(-19.2, -19.2, -3.0, 19.2, 19.2, 3.0))
+    ckpt = make_random_checkpoint(cfg, tmp_path / 'm' / 'model.pt', seed=3)
+    _predict(dataset, tmp_path / 'st', 'student', model=str(ckpt), backend='torch')
+    backend = create_backend(ckpt, 'torch', 'cpu')
+    log_ = AV2Log(dataset / 'val' / LOG_ID)
+    pair = log_.pair(TS0, TS0 + DT_NS, with_gt=False)
+    prep = prepare_pair(pair.points0, pair.points1, pair.ego1_T_ego0, PreprocessConfig(),
+                        is_ground0=pair.is_ground0, is_ground1=pair.is_ground1)
+    flow, valid = backend.infer(prep.pc0, prep.pc1)
+    assert 0 < valid.sum() < len(valid)
+    scored = np.where(valid[:, None], flow, 0.0)
+    expect = _expected_from_residual(dataset, 0, scored, prep.mask0)
+    got = _read(tmp_path / 'st' / LOG_ID / f'{TS0}.feather')
+    np.testing.assert_allclose(got[['flow_tx_m', 'flow_ty_m', 'flow_tz_m']].to_numpy(), expect, atol=1e-4)
+    res = np.zeros((len(prep.mask0), 3))
+    res[prep.mask0] = scored
+    np.testing.assert_array_equal(got.is_dynamic.to_numpy(), np.linalg.norm(res, axis=1) >= 0.05)
+
+
+def test_nsfp_method_scatters_teacher_output(dataset, tmp_path):
+    """NSFP (a few iterations) through predict = run_nsfp on the prepared pair, scattered, in AV2."""
+    pytest.importorskip('torch')
+    from zeroflow_ros.core.preprocess import prepare_pair
+    from zeroflow_ros.data.av2 import AV2Log
+    from zeroflow_training.teacher.nsfp import NSFPConfig, run_nsfp
+    few = dict(fast_max_iters=5, fit_points=512)
+    method = P.make_method('nsfp', device='cpu', nsfp_config=few)
+    assert 'fast' in method.describe()
+    log_ = AV2Log(dataset / 'val' / LOG_ID)
+    P.predict_pair(method, log_, TS0 + DT_NS, TS0 + 2 * DT_NS, tmp_path / 'ns')
+    pair = log_.pair(TS0 + DT_NS, TS0 + 2 * DT_NS, with_gt=False)
+    prep = prepare_pair(pair.points0, pair.points1, pair.ego1_T_ego0, PreprocessConfig(),
+                        is_ground0=pair.is_ground0, is_ground1=pair.is_ground1)
+    residual, _ = run_nsfp(prep.pc0, prep.pc1, NSFPConfig(**few), 'cpu')
+    expect = _expected_from_residual(dataset, 1, residual, prep.mask0)
+    got = _read(tmp_path / 'ns' / LOG_ID / f'{TS0 + DT_NS}.feather')
+    np.testing.assert_allclose(got[['flow_tx_m', 'flow_ty_m', 'flow_tz_m']].to_numpy(), expect, atol=1e-4)
+    # Ground and far points: static-world flow exactly.
+    pts = _lidar(dataset, 1).astype(np.float64)
+    assert np.abs(np.linalg.norm(residual, axis=1)).max() > 0
+    np.testing.assert_allclose(got[['flow_tx_m', 'flow_ty_m', 'flow_tz_m']].to_numpy()[~prep.mask0],
+                               expect[~prep.mask0], atol=1e-5)
+    assert len(got) == len(pts)

@@ -139,23 +139,29 @@ class NSFPMethod(FlowMethod):
     name = 'nsfp'
 
     def __init__(self, device: str = 'auto', preprocess: PreprocessConfig | None = None,
-                 config: Any = None) -> None:
+                 config: dict[str, Any] | None = None) -> None:
         super().__init__(preprocess)
         from zeroflow_training.teacher import nsfp
         self._run = nsfp.run_nsfp
-        self.config = config
-        if self.config is None and hasattr(nsfp, 'NSFPConfig'):
-            self.config = nsfp.NSFPConfig()
+        self.config = nsfp.NSFPConfig(**(config or {}))
         self.device = _resolve_device(device)
 
     def estimate(self, points0, prep):
-        if len(prep.pc0) == 0 or len(prep.pc1) == 0:
+        n0, n1 = len(prep.pc0), len(prep.pc1)
+        if min(n0, n1) < self.config.min_points:
+            # NSFP refuses near-empty clouds; the static world is the honest answer for them.
+            log.warning('nsfp: %d / %d scored points (< min_points %d): static-world flow for this sweep',
+                        n0, n1, self.config.min_points)
             return MethodOutput(np.zeros((len(points0), 3), dtype=np.float32))
         residual, _info = self._run(prep.pc0, prep.pc1, self.config, self.device)
         residual = np.asarray(residual, dtype=np.float32)
-        if residual.shape != (len(prep.pc0), 3):
-            raise PredictError(f'run_nsfp returned flow {residual.shape} for {len(prep.pc0)} points')
+        if residual.shape != (n0, 3):
+            raise PredictError(f'run_nsfp returned flow {residual.shape} for {n0} points')
         return MethodOutput(_scatter(len(points0), prep.mask0, residual))
+
+    def describe(self) -> str:
+        variant = 'fast' if self.config.fast else 'faithful'
+        return f'nsfp ({variant}, {self.config.iters} iterations max, {self.device})'
 
 
 def _resolve_device(device: str) -> str:
@@ -169,7 +175,8 @@ def _resolve_device(device: str) -> str:
 
 
 def make_method(name: str, model: str | None = None, backend: str = 'auto', device: str = 'auto',
-                preprocess: PreprocessConfig | None = None) -> FlowMethod:
+                preprocess: PreprocessConfig | None = None,
+                nsfp_config: dict[str, Any] | None = None) -> FlowMethod:
     """Build a method by name; unknown names raise and list the valid ones."""
     if name == 'ego':
         return EgoMethod(preprocess)
@@ -180,7 +187,7 @@ def make_method(name: str, model: str | None = None, backend: str = 'auto', devi
     if name == 'student':
         return StudentMethod(model or DEFAULT_MODEL, backend, device, preprocess)
     if name == 'nsfp':
-        return NSFPMethod(device, preprocess)
+        return NSFPMethod(device, preprocess, nsfp_config)
     raise PredictError(f'unknown method {name!r}; valid: {METHODS}')
 
 
@@ -384,6 +391,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--submission-out', type=Path, help='archive path (default: OUT with .zip suffix)')
     parser.add_argument('--only-masked', action='store_true',
                         help='with --submission, predict only the sweeps the mask archive lists')
+    parser.add_argument('--nsfp-faithful', action='store_true',
+                        help='nsfp: the original optimisation (5000 iterations, all points)')
     parser.add_argument('--workers', type=int, default=1, help='processes (CPU methods scale, GPU: keep 1)')
 
 
@@ -397,7 +406,8 @@ def run(args: argparse.Namespace) -> int:
     only = masked_keys(masks) if (masks is not None and args.only_masked) else None
     jobs, done = list_jobs(args.data_root, args.split, args.out, only)
     method_kwargs = dict(name=args.method, model=str(args.model), backend=args.backend, device=args.device,
-                         preprocess=PreprocessConfig(ground=args.ground))
+                         preprocess=PreprocessConfig(ground=args.ground),
+                         nsfp_config={'fast': False} if getattr(args, 'nsfp_faithful', False) else None)
     print(f'{args.method}: {len(jobs)} sweeps to predict, {done} already in {args.out}')
     run_jobs(jobs, method_kwargs, args.out, args.workers,
              progress=lambda it, total: tqdm(it, total=total, unit='sweep', desc=args.method))
