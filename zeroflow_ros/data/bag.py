@@ -85,7 +85,8 @@ class BagInfo:
     def describe_topics(self) -> str:
         if not self.topics:
             return '(no topics)'
-        return ', '.join(f'{t.name} [{t.msgtype}, {t.count} msgs]' for t in self.topics.values())
+        return ', '.join(f'{t.name} [{t.msgtype}, {t.count} msgs]'
+                         for t in sorted(self.topics.values(), key=lambda t: t.name))
 
 
 class _RosbagsSource:

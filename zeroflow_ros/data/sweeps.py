@@ -52,11 +52,12 @@ def read_kitti_bin(path: Path) -> Sweep:
     """Read a KITTI velodyne ``.bin`` (N x 4 float32: x, y, z, reflectance -> field ``intensity``)."""
     path = Path(path)
     try:
-        raw = np.fromfile(path, dtype='<f4')
+        data = path.read_bytes()
     except OSError as exc:
         raise SweepError(f'{path}: cannot read ({exc})') from None
-    if raw.size % 4:
-        raise SweepError(f'{path}: {raw.size * 4} bytes is not a multiple of 16 (KITTI .bin: N x 4 float32)')
+    if len(data) % 16:
+        raise SweepError(f'{path}: {len(data)} bytes is not a multiple of 16 (KITTI .bin: N x 4 float32)')
+    raw = np.frombuffer(data, dtype='<f4')
     arr = raw.reshape(-1, 4)
     return Sweep(path, np.ascontiguousarray(arr[:, :3]), {'intensity': arr[:, 3].copy()},
                  _int_stem(path))
@@ -330,7 +331,7 @@ def sweep_stamps(files: list[Path], sweeps_stamps: list[int | None], start_ns: i
     if ts_file is not None and ts_file.is_file():
         ts = read_kitti_timestamps(ts_file)
         # KITTI names sweeps by their index into timestamps.txt.
-        idx = [_int_stem(f) for f in files]
+        idx = [int(f.stem) if f.stem.isdigit() else None for f in files]
         if all(i is not None and 0 <= i < len(ts) for i in idx):
             return ts[np.array(idx)]
         logger.warning('%s: does not cover the sweep file indices; using nominal %.1f Hz', ts_file,
