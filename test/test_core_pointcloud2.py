@@ -394,6 +394,7 @@ def _with(**changes):
     (_with(fields=[Field('x', 0, 7, 3), Field('y', 4, 7), Field('z', 8, 7)]),
      ["'x'", 'count 3', 'expected count 1']),
     (_with(fields=[Field('x', 0, 7), Field('y', 4, 7, 0), Field('z', 8, 7)]), ["'y'", 'count 0']),
+    (_with(fields=[*XY, Field('z', 8, 7), Field('intensity', 12, 2, 4)]), ["'intensity'", 'count 4']),
     (_with(fields=[*XY, Field('z', 8, 7), Field('x', 12, 7)]), ["'x'", 'twice']),
     (_with(fields=[*XY, Field('z', 8, 7), Field('ring', 12, 7)]),
      ["'ring'", 'FLOAT32', 'integer']),
