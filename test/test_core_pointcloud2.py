@@ -573,6 +573,7 @@ def test_dds_publish_subscribe_100k(rclpy_context):
     assert dec.stamp_ns == 42_000_000_007 and dec.n_input == n
 
 
+@pytest.mark.ros
 def test_wait_helpers_time_out_clearly(rclpy_context):
     import rclpy
     from std_msgs.msg import String
