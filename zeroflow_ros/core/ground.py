@@ -102,9 +102,10 @@ class GeometricGroundConfig:
 
 
 def estimate_ground_height(points: np.ndarray, r_min: float = 2.0, r_max: float = 20.0,
-                           bin_m: float = 0.1) -> float:
-    """Mode of z near the sensor (histogram peak): the height of the road under the vehicle."""
-    r = np.hypot(points[:, 0], points[:, 1])
+                           bin_m: float = 0.1, r: np.ndarray | None = None) -> float:
+    """Return the mode of z near the sensor (histogram peak): the height of the road under the vehicle."""
+    if r is None:
+        r = np.hypot(points[:, 0], points[:, 1])
     z = points[(r >= r_min) & (r < r_max), 2]
     if len(z) < 10:
         z = points[:, 2]
@@ -120,6 +121,39 @@ def estimate_ground_height(points: np.ndarray, r_min: float = 2.0, r_max: float 
     return float(0.5 * (edges[k] + edges[k + 1]))
 
 
+def _diamond_angle(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Monotonic stand-in for the azimuth in [0, 4) (no arctan2: 10x cheaper); 0 = +x, 1 = +y, 2 = -x."""
+    s = np.abs(x) + np.abs(y)
+    s[s == 0] = 1
+    q = x / s
+    return np.where(y >= 0, 1 - q, 3 + q)
+
+
+def _diamond_direction(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return the unit (x, y) of diamond angles ``d`` (inverse of :func:`_diamond_angle`)."""
+    up = d < 2
+    x = np.where(up, 1 - d, d - 3)
+    y = np.where(up, 1 - np.abs(x), np.abs(x) - 1)
+    n = np.hypot(x, y)
+    return x / n, y / n
+
+
+def _ring_index(r: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Ring of each range (``edges[k] <= r < edges[k+1]``) by table lookup, exact at the edges."""
+    top = float(edges[-2])
+    step = 0.1
+    grid = np.arange(0.0, top + step, step)
+    lut = np.clip(np.searchsorted(edges, grid, side='right') - 1, 0, len(edges) - 2)
+    ring = lut[np.minimum((r * (1 / step)).astype(np.int64), len(lut) - 1)]
+    # The table gives the ring of the grid cell's start: step forward where a ring edge falls inside.
+    for _ in range(len(edges)):
+        fwd = (ring < len(edges) - 2) & (r >= edges[ring + 1])
+        if not fwd.any():
+            break
+        ring = ring + fwd
+    return ring
+
+
 def geometric_ground(points: np.ndarray, cfg: GeometricGroundConfig | None = None) -> np.ndarray:
     """Ground mask of one cloud in a sensor-centred frame with z up; non-finite points -> False."""
     cfg = cfg or GeometricGroundConfig()
@@ -130,7 +164,7 @@ def geometric_ground(points: np.ndarray, cfg: GeometricGroundConfig | None = Non
     out = np.zeros(n, dtype=bool)
     if n == 0:
         return out
-    xyz = pts[:, :3].astype(np.float64)
+    xyz = np.ascontiguousarray(pts[:, :3], dtype=np.float32)
     finite = np.isfinite(xyz).all(axis=1)
     if not finite.all():
         out[finite] = geometric_ground(xyz[finite], cfg)
@@ -138,19 +172,19 @@ def geometric_ground(points: np.ndarray, cfg: GeometricGroundConfig | None = Non
     x, y, z = xyz[:, 0], xyz[:, 1], xyz[:, 2]
     edges = np.asarray(cfg.ring_edges, dtype=np.float64)
     n_rings, n_sec = len(edges) - 1, int(cfg.n_sectors)
-    r = np.hypot(x, y)
-    ring = np.clip(np.searchsorted(edges, r, side='right') - 1, 0, n_rings - 1)
-    sector = ((np.arctan2(y, x) + np.pi) * (n_sec / (2 * np.pi))).astype(np.int64) % n_sec
+    r = np.sqrt(x * x + y * y)
+    ring = _ring_index(r, edges)
+    sector = np.minimum((_diamond_angle(x, y) * (n_sec / 4.0)).astype(np.int64), n_sec - 1)
     cell = ring * n_sec + sector
     n_cells = n_rings * n_sec
 
-    zmin = np.full(n_cells, np.inf)
+    zmin = np.full(n_cells, np.inf, dtype=np.float32)
     np.minimum.at(zmin, cell, z)
-    seed = z <= zmin[cell] + cfg.seed_band
+    seed = z <= zmin[cell] + np.float32(cfg.seed_band)
     # Plane fit per cell from moment sums of the seeds (centred at the cell mean for conditioning).
     sc = cell[seed]
     cnt = np.bincount(sc, minlength=n_cells).astype(np.float64)
-    sx, sy, sz = x[seed], y[seed], z[seed]
+    sx, sy, sz = x[seed].astype(np.float64), y[seed].astype(np.float64), z[seed].astype(np.float64)
     with np.errstate(invalid='ignore', divide='ignore'):
         mx = np.bincount(sc, sx, n_cells) / cnt
         my = np.bincount(sc, sy, n_cells) / cnt
@@ -181,13 +215,10 @@ def geometric_ground(points: np.ndarray, cfg: GeometricGroundConfig | None = Non
 
     # Ring walk: accept a cell's plane when its height at the cell centre continues the inner ground.
     centres_r = 0.5 * (edges[:-1] + np.minimum(edges[1:], edges[:-1] + 8.0))
-    sec_ang = (np.arange(n_sec) + 0.5) * (2 * np.pi / n_sec) - np.pi
-    ca, sa = np.cos(sec_ang), np.sin(sec_ang)
+    ca, sa = _diamond_direction((np.arange(n_sec) + 0.5) * (4.0 / n_sec))
     slope = np.tan(np.deg2rad(cfg.max_slope_deg))
-    ground_h = np.full(n_sec, estimate_ground_height(xyz, *cfg.init_range))
+    ground_h = np.full(n_sec, estimate_ground_height(xyz, *cfg.init_range, r=r))
     prev_r = 0.0
-    accepted = np.zeros(n_cells, dtype=bool)
-    cell_h = np.empty(n_cells)
     # Accepted cells keep their fitted plane; the others get a level plane at the carried height.
     plane_n = np.tile([0.0, 0.0, 1.0], (n_cells, 1))
     plane_p = np.zeros((n_cells, 3))
@@ -200,15 +231,14 @@ def geometric_ground(points: np.ndarray, cfg: GeometricGroundConfig | None = Non
             h = mz[idx] - (nrm[:, 0] * (cx - mx[idx]) + nrm[:, 1] * (cy - my[idx])) / nrm[:, 2]
         allow = slope * (rc - prev_r) + cfg.max_step
         ok = fit[idx] & np.isfinite(h) & (np.abs(h - ground_h) <= allow)
-        accepted[idx] = ok
         ground_h = np.where(ok, h, ground_h)
-        cell_h[idx] = ground_h
         plane_n[idx[ok]] = nrm[ok]
-        plane_p[idx[ok]] = np.stack([mx[idx], my[idx], mz[idx]], axis=1)[ok]
-        plane_p[idx[~ok]] = np.stack([cx, cy, ground_h], axis=1)[~ok]
+        plane_p[idx] = np.where(ok[:, None], np.stack([mx[idx], my[idx], mz[idx]], axis=1),
+                                np.stack([cx, cy, ground_h], axis=1))
         prev_r = rc
 
-    pn, pp = plane_n[cell], plane_p[cell]
+    pn = plane_n.astype(np.float32)[cell]
+    pp = plane_p.astype(np.float32)[cell]
     height = ((xyz - pp) * pn).sum(axis=1) / pn[:, 2]
     out[:] = height <= cfg.height_threshold
     return out
