@@ -301,3 +301,30 @@ def test_tensorrt_matches_onnxruntime_and_rebuilds_corrupt_engine(model_copy, pa
     with caplog.at_level(logging.WARNING):
         again = create_backend(model_copy, backend='tensorrt', precision=precision)
     assert again.built_now and any('rebuilding TensorRT engine' in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------------ bench (same interface)
+
+def test_bench_rows_ratios_and_resampling(model_dir):
+    from zeroflow_ros.bench import format_table, lidar_pair, parse_runs, run_bench
+
+    raw = np.fromfile(KITTI / '0000000000.bin', dtype='<f4').reshape(-1, 4)[:, :3]
+    small, _ = lidar_pair(1000)
+    big, _ = lidar_pair(len(raw) + 10)
+    assert len(small) == 1000 and np.array_equal(small[0], raw[0]) and np.array_equal(small[-1], raw[-1])
+    assert np.array_equal(big[len(raw):], raw[:10])
+    runs = parse_runs(['onnxruntime', 'tensorrt'], ['fp32'])
+    assert runs[0] == ('torch', 'fp32')
+    rep = run_bench(model_dir, runs, points=[3000], device='cpu', repeats=3, warmup=1, threads=1)
+    by = {(r['backend'], r['precision']): r for r in rep['results']}
+    torch_row = by[('torch', 'fp32')]['by_points']['3000']
+    ort_row = by[('onnxruntime', 'fp32')]['by_points']['3000']
+    assert torch_row['speedup_vs_torch']['total_ms'] == pytest.approx(1.0)
+    assert ort_row['speedup_vs_torch']['total_ms'] == pytest.approx(
+        torch_row['total_ms']['p50'] / ort_row['total_ms']['p50'])
+    assert ort_row['repeats'] == 3 and ort_row['inference_ms']['p99'] >= ort_row['inference_ms']['p50'] > 0
+    assert 'unavailable' in by[('tensorrt', 'fp32')] or 'by_points' in by[('tensorrt', 'fp32')]
+    table = format_table(rep)
+    assert 'onnxruntime' in table and 'vs torch' in table
+    with pytest.raises(ValueError, match='valid: tensorrt, onnxruntime, torch'):
+        parse_runs(['tflite'], ['fp32'])
