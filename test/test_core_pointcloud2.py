@@ -354,8 +354,18 @@ def test_random_layouts_match_brute_force(cloud, container):
               row_step=geo['row_step'], bigendian=geo['bigendian'])
     with np.errstate(over='ignore'):
         exp = brute_force(fields, data, **geo)
-    dec = decode(msg)
+    extra = [f.name for f in fields if f.count == 1 and f.name not in 'xyz']
+    dec = decode(msg, extra_fields=extra)
     assert_matches(dec, exp)
+    order = '>' if geo['bigendian'] else '<'
+    for f in fields:
+        if f.name in extra:
+            base = [r * geo['row_step'] + c * geo['point_step'] + f.offset
+                    for r in range(geo['height']) for c in range(geo['width'])]
+            want = [struct.unpack_from(order + STRUCT[f.datatype], data, b)[0] for b in base]
+            want = np.array(want, dtype=_REF_NUMPY[f.datatype])[exp['indices']]
+            assert dec.extra[f.name].dtype == want.dtype
+            np.testing.assert_array_equal(dec.extra[f.name], want, err_msg=f.name)
     if geo['row_step'] == geo['width'] * geo['point_step']:
         ref, ref_idx = ref_read_points(msg, ('x', 'y', 'z'), skip_nans=True)
         with np.errstate(over='ignore', invalid='ignore'):
@@ -410,6 +420,18 @@ def test_bad_input_raises_clear_error(msg, words):
     for word in words:
         assert word in str(info.value), (word, str(info.value))
     assert isinstance(info.value, ValueError)
+
+
+def test_extra_fields_errors():
+    fields = [*XY, Field('z', 8, 7), Field('normal', 12, 7, 3)]
+    msg = Msg(fields, bytes(24 * 2), width=2, point_step=24)
+    with pytest.raises(CloudError, match=r"extra field 'rgb' is not in the cloud \(fields: 'x', 'y', 'z', 'norm"):
+        decode(msg, extra_fields=['rgb'])
+    with pytest.raises(CloudError, match="'normal' has count 3"):
+        decode(msg, extra_fields=['normal'])
+    empty = decode(Msg(fields[:3] + [Field('label', 12, 4)], b'', width=0, point_step=16),
+                   extra_fields=['label'])
+    assert empty.extra['label'].dtype == np.uint16 and empty.extra['label'].shape == (0,)
 
 
 def test_max_points():

@@ -34,6 +34,7 @@ import array
 import logging
 import sys
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -84,6 +85,7 @@ class DecodedCloud:
     height: int = 1
     width: int = 0
     time_field: str | None = None
+    extra: dict[str, np.ndarray] = dataclass_field(default_factory=dict)  # from decode(extra_fields=)
 
     def __len__(self) -> int:
         return int(self.xyz.shape[0])
@@ -307,12 +309,15 @@ def _gather_rows(xyz: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ decode
 
-def decode(msg: Any, max_points: int | None = None, *, copy: bool = False) -> DecodedCloud:
+def decode(msg: Any, max_points: int | None = None, *, copy: bool = False,
+           extra_fields: Sequence[str] = ()) -> DecodedCloud:
     """Decode a PointCloud2-like message (see module doc); raises :class:`CloudError` on bad input.
 
     ``max_points``: clouds with more than this many input points (``width * height``) are
     rejected before any data is touched; the caller decides whether to clip.
     ``copy``: return owned, C-contiguous, writable arrays even where a view would do.
+    ``extra_fields``: names of further count-1 fields to return in ``DecodedCloud.extra``, in
+    their own type (native byte order), for the kept points; a missing name is an error.
     """
     height, width = _uint(msg, 'height'), _uint(msg, 'width')
     point_step, row_step = _uint(msg, 'point_step'), _uint(msg, 'row_step')
@@ -336,6 +341,12 @@ def decode(msg: Any, max_points: int | None = None, *, copy: bool = False) -> De
 
     f_int, f_time = _pick(fields, INTENSITY_NAMES), _pick(fields, TIME_NAMES)
     f_ring = _pick(fields, RING_NAMES)
+    f_extra = []
+    for name in extra_fields:
+        if name not in fields:
+            have = ', '.join(repr(n) for n in fields)
+            raise CloudError(f'extra field {name!r} is not in the cloud (fields: {have})')
+        f_extra.append(_pick(fields, (name,)))
     if f_ring is not None and DATATYPES[f_ring.datatype][0] == 'f':
         raise CloudError(f'field {f_ring.name!r} is {DATATYPE_NAMES[f_ring.datatype]}: expected an integer '
                          'datatype for a ring / laser number')
@@ -347,7 +358,8 @@ def decode(msg: Any, max_points: int | None = None, *, copy: bool = False) -> De
             time=None if f_time is None else empty.astype(np.float64),
             ring=None if f_ring is None else empty.astype(np.int64),
             frame_id=frame_id, stamp_ns=stamp_ns, height=height, width=width,
-            time_field=None if f_time is None else f_time.name)
+            time_field=None if f_time is None else f_time.name,
+            extra={f.name: np.empty(0, DATATYPES[f.datatype]) for f in f_extra})
 
     layout = _Layout(buf, height, width, point_step, row_step, bigendian)
     fx, fy, fz = fields['x'], fields['y'], fields['z']
@@ -378,10 +390,10 @@ def decode(msg: Any, max_points: int | None = None, *, copy: bool = False) -> De
         indices = np.flatnonzero(keep).astype(np.int64, copy=False)
         logger.debug('dropped %d of %d points with non-finite x/y/z', n - indices.size, n)
 
-    def column(field: _Field | None, dtype: type) -> np.ndarray | None:
-        if field is None:
+    def column(f: _Field | None, dtype: Any) -> np.ndarray | None:
+        if f is None:
             return None
-        values = layout.column(field, np.dtype(dtype), keep)
+        values = layout.column(f, np.dtype(dtype), keep)
         if copy and not values.flags.owndata:
             values = values.copy()
         return values
@@ -389,9 +401,10 @@ def decode(msg: Any, max_points: int | None = None, *, copy: bool = False) -> De
     intensity, time, ring = column(f_int, np.float32), column(f_time, np.float64), column(f_ring, np.int64)
     if time is not None and DATATYPES[f_time.datatype][0] in 'iu':
         time = time * 1e-9  # integer stamps are nanoseconds
+    extra = {f.name: column(f, DATATYPES[f.datatype]) for f in f_extra}
     return DecodedCloud(xyz=xyz, indices=indices, n_input=n, intensity=intensity, time=time, ring=ring,
                         frame_id=frame_id, stamp_ns=stamp_ns, height=height, width=width,
-                        time_field=None if f_time is None else f_time.name)
+                        time_field=None if f_time is None else f_time.name, extra=extra)
 
 
 # ------------------------------------------------------------------------------------ encode
