@@ -425,7 +425,7 @@ def test_bad_input_raises_clear_error(msg, words):
 def test_extra_fields_errors():
     fields = [*XY, Field('z', 8, 7), Field('normal', 12, 7, 3)]
     msg = Msg(fields, bytes(24 * 2), width=2, point_step=24)
-    with pytest.raises(CloudError, match=r"extra field 'rgb' is not in the cloud \(fields: 'x', 'y', 'z', 'norm"):
+    with pytest.raises(CloudError, match=r"extra field 'rgb' is not in the cloud \(fields: 'x', 'y'"):
         decode(msg, extra_fields=['rgb'])
     with pytest.raises(CloudError, match="'normal' has count 3"):
         decode(msg, extra_fields=['normal'])
