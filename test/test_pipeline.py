@@ -207,6 +207,19 @@ def test_bad_sweep_raises_and_keeps_previous(backend, bad, kind):
     assert f is not None and f.stamp_ns == 0 and np.isclose(f.dt_s, 0.2)
 
 
+def test_absurd_coordinates_are_not_scored(backend):
+    """Finite but absurd values (corrupt driver output) must not crash ground removal or odometry."""
+    pipe = Pipeline(PipelineConfig(ego_motion='none'), backend=backend)
+    a = kitti(6, 3000)
+    b = a.copy()
+    b[::10] = np.float32(3e38)
+    b[1::10] = np.float32(-1e30)
+    pipe.step(b, 0)
+    f = pipe.step(a, 100_000_000)
+    assert not f.valid[::10].any() and not f.valid[1::10].any() and f.valid.sum() > 100
+    assert np.isfinite(f.flow).all()
+
+
 def test_config_validation_names_field():
     with pytest.raises(PipelineError, match='ego_motion'):
         PipelineConfig(ego_motion='gps')

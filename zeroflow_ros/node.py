@@ -342,12 +342,13 @@ class ZeroFlowNode(Node):
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """True once no message is waiting (tests and benches)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
             with self._lock:
                 if self._slot is None and not self._busy:
                     return True
-            time.sleep(0.005)
-        return False
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.001)
 
     _busy = False
 
@@ -368,6 +369,9 @@ class ZeroFlowNode(Node):
             t0 = time.perf_counter()
             cloud = pc2.decode(msg)
             xyz = cloud.xyz
+            if len(xyz) == 0 and cloud.n_input > 0:
+                raise pl.PipelineError('all_nan', f'all {cloud.n_input} points have a NaN/inf coordinate; '
+                                       'expected finite x, y, z')
             keep = pl.clip_indices(len(xyz), self.config.max_points)
             if keep is not None:
                 with self._lock:
@@ -375,18 +379,18 @@ class ZeroFlowNode(Node):
                 self._warn('clipped', f'cloud with {len(xyz)} points clipped to max_points='
                            f'{self.config.max_points} (evenly strided)')
                 xyz = xyz[keep]
-            stamp_ns = _stamp_ns(msg.header.stamp)
+            stamp_ns = cloud.stamp_ns
             pose = None
             if self.config.ego_motion == 'odometry':
                 pose = self.poses.wait_for(stamp_ns, self._p('odometry_wait_s'))
             decode_ms = (time.perf_counter() - t0) * 1e3
-            frame = self.pipeline.step(xyz, stamp_ns, pose, frame_id=msg.header.frame_id, tag=msg.header)
+            frame = self.pipeline.step(xyz, stamp_ns, pose, frame_id=cloud.frame_id, tag=msg.header)
             reason = self.pipeline.last_reset_reason
             if reason is not None:
                 with self._lock:
                     self.stats.resets[reason] += 1
                 if reason in _ERROR_RESETS:
-                    self._count_error(reason, f'{reason} at {stamp_ns} ns on {msg.header.frame_id!r}: '
+                    self._count_error(reason, f'{reason} at {stamp_ns} ns on {cloud.frame_id!r}: '
                                       'sweep starts a new pair, no flow for it')
             with self._lock:
                 self.stats.processed += 1

@@ -375,16 +375,22 @@ class Pipeline:
             return pose
         if self._odometry is None:
             self._odometry = self._odometry_factory()
-        finite = np.isfinite(pts).all(axis=1)
         try:
-            return np.asarray(self._odometry.register(pts[finite].astype(np.float64), stamp_ns), float)
+            return np.asarray(self._odometry.register(pts[_sane(pts)].astype(np.float64), stamp_ns), float)
         except Exception as exc:  # a failed registration must not poison later pairs
             self.reset('odometry_failed')
             raise PipelineError('odometry', f'lidar odometry failed at {stamp_ns} ns: {exc}') from exc
 
     def _ground(self, pts: np.ndarray) -> np.ndarray:
         from zeroflow_ros.core import preprocess
-        return np.asarray(preprocess.prepare_cloud(pts, self._preprocess_cfg).is_ground, bool)
+        sane = _sane(pts)
+        if sane.all():
+            return np.asarray(preprocess.prepare_cloud(pts, self._preprocess_cfg).is_ground, bool)
+        # Absurd coordinates (corrupt driver output) overflow grid arithmetic: never scored anyway.
+        ground = np.zeros(len(pts), bool)
+        if sane.any():
+            ground[sane] = preprocess.prepare_cloud(pts[sane], self._preprocess_cfg).is_ground
+        return ground
 
     def _prepare_pair(self, points0, points1, ego1_T_ego0, is_ground0, is_ground1) -> Any:
         from zeroflow_ros.core import preprocess
@@ -394,6 +400,16 @@ class Pipeline:
         except preprocess.PreprocessError as exc:
             self.reset('bad_ego_motion')
             raise PipelineError('ego_motion', f'ego motion between sweeps rejected: {exc}') from exc
+
+
+#: Coordinates beyond this (metres) are treated like NaN: no lidar measures them, and they overflow
+#: the integer grid arithmetic of ground removal and odometry.
+SANE_COORDINATE_M = 1e5
+
+
+def _sane(pts: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid='ignore'):
+        return (np.abs(pts) < SANE_COORDINATE_M).all(axis=1)
 
 
 def resolve_model_path(model: str) -> str:
