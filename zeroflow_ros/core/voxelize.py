@@ -123,15 +123,15 @@ def as_grid(cfg: Any) -> PillarGrid:
 
 def in_range_mask(points: np.ndarray, cfg: Any) -> np.ndarray:
     """(N,) bool: finite and inside the half-open box of the grid."""
-    g = as_grid(cfg)
-    # float64 like the pillar index, so "in range" and "which pillar" never disagree at a border
-    pts = _check_points(points).astype(np.float64)
+    return _in_range(_check_points(points).astype(np.float64), as_grid(cfg))
+
+
+def _in_range(p64: np.ndarray, g: PillarGrid) -> np.ndarray:
+    # float64 like the pillar index, so "in range" and "which pillar" never disagree at a border;
+    # NaN compares False, so non-finite points drop out without a separate isfinite pass
     with np.errstate(invalid='ignore'):
-        m = np.isfinite(pts).all(axis=1)
-        m &= (pts[:, 0] >= g.x_min) & (pts[:, 0] < g.x_max)
-        m &= (pts[:, 1] >= g.y_min) & (pts[:, 1] < g.y_max)
-        m &= (pts[:, 2] >= g.z_min) & (pts[:, 2] < g.z_max)
-    return m
+        c = (p64 >= (g.x_min, g.y_min, g.z_min)) & (p64 < (g.x_max, g.y_max, g.z_max))
+    return c[:, 0] & c[:, 1] & c[:, 2]
 
 
 def pillarize(points: np.ndarray, cfg: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -148,15 +148,14 @@ def pillarize(points: np.ndarray, cfg: Any) -> tuple[np.ndarray, np.ndarray, np.
     """
     g = as_grid(cfg)
     pts_all = _check_points(points)
-    keep = in_range_mask(pts_all, g)
-    pts = np.ascontiguousarray(pts_all[keep], dtype=np.float32)
     # float64 so that the pillar of a point does not depend on how the input was rounded
-    p64 = pts.astype(np.float64)
-    ix = np.floor((p64[:, 0] - g.x_min) / g.pillar_size).astype(np.int64)
-    iy = np.floor((p64[:, 1] - g.y_min) / g.pillar_size).astype(np.int64)
+    p64 = pts_all.astype(np.float64)
+    keep = _in_range(p64, g)
+    pts = np.ascontiguousarray(pts_all[keep], dtype=np.float32)
+    cell = np.floor((p64[keep, :2] - (g.x_min, g.y_min)) / g.pillar_size).astype(np.int64)
     # x < x_max can still round up to nx at the last ulp; clip rather than drop the point
-    np.clip(ix, 0, g.nx - 1, out=ix)
-    np.clip(iy, 0, g.ny - 1, out=iy)
+    ix = np.clip(cell[:, 0], 0, g.nx - 1)
+    iy = np.clip(cell[:, 1], 0, g.ny - 1)
     return keep, pts, iy * g.nx + ix
 
 

@@ -1,0 +1,180 @@
+"""Training: dataset + augmentation, overfitting one pair, exact resume, CLI and config errors (CPU)."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.feather as feather
+import pytest
+import torch
+
+from zeroflow_ros.model import get_config, load_checkpoint, read_checkpoint
+from zeroflow_training.dataset import AugmentConfig, DatasetError, PairDataset, collate, list_pairs
+from zeroflow_training.losses import get_loss
+from zeroflow_training.train import TrainConfig, TrainError, train
+
+# 64x64 pillars of 0.8 m and narrow stages: a few ms per step on one core
+TINY = dict(point_cloud_range=[-25.6, -25.6, -3.0, 25.6, 25.6, 3.0], pillar_size=0.8, embed_channels=8,
+            stage_channels=[16, 16, 16], stage_blocks=[1, 1, 1], head_hidden=16)
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    """One synthetic train log of 4 sweeps (3 pairs), one val log of 2, labels = its exact GT flow."""
+    from zeroflow_training.data.synth import make_tiny_dataset
+    root = tmp_path_factory.mktemp('synth')
+    make_tiny_dataset(root, logs=1, sweeps=4, split='train', seed=0)
+    make_tiny_dataset(root, logs=1, sweeps=2, split='val', seed=0)
+    labels = root / 'labels'
+    for f in sorted((root / 'train').glob('*/scene_flow/*.feather')):
+        t = feather.read_table(f)
+        out = labels / f.parent.parent.name / f.name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cols = ['flow_tx_m', 'flow_ty_m', 'flow_tz_m', 'is_valid', 'is_dynamic']
+        feather.write_feather(t.select(cols), out)
+    return root, labels
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(model='cpu_small', model_overrides=dict(TINY), lr=3e-3, scheduler='constant', epochs=2,
+                batch_size=1, num_workers=0, amp='none', seed=3, val_max_pairs=1)
+    base.update(kw)
+    return TrainConfig.from_dict(base)
+
+
+def _kabsch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Orthogonal R (rotation or reflection) minimising |R a - b| (points through the origin)."""
+    u, _, vt = np.linalg.svd(a.T.astype(np.float64) @ b.astype(np.float64))
+    return (u @ vt).T
+
+
+def test_augmentation_moves_points_and_labels_together(data):
+    root, labels = data
+    cfg = get_config('cpu_small', **TINY)
+    plain = PairDataset(root, 'train', labels, cfg)
+    aug = PairDataset(root, 'train', labels, cfg, augment=AugmentConfig(yaw=True, flip=True), seed=7)
+    flips = set()
+    for epoch in range(4):
+        a, b = plain.load(1, 0), aug.load(1, epoch)
+        # recover the transform from the points alone (index maps the kept rows of the sweep)
+        _, ia, ib = np.intersect1d(a['index0'], b['index0'], return_indices=True)
+        assert len(ia) > 0.5 * len(a['index0'])
+        R = _kabsch(a['pc0'][ia], b['pc0'][ib])
+        np.testing.assert_allclose(a['pc0'][ia] @ R.T, b['pc0'][ib], atol=2e-4)
+        np.testing.assert_allclose(R[2], [0, 0, 1], atol=1e-6)  # about z only
+        # the labels and the second sweep followed the same transform
+        np.testing.assert_allclose(a['target'][ia] @ R.T, b['target'][ib], atol=2e-5)
+        np.testing.assert_array_equal(a['valid'][ia], b['valid'][ib])
+        _, ja, jb = np.intersect1d(a['index1'], b['index1'], return_indices=True)
+        np.testing.assert_allclose(a['pc1'][ja] @ R.T, b['pc1'][jb], atol=2e-4)
+        flips.add(bool(np.linalg.det(R) < 0))
+        # same seed/epoch/index: same draw (workers and resumes do not change augmentation)
+        np.testing.assert_array_equal(aug.load(1, epoch)['pc0'], b['pc0'])
+    assert flips == {True, False}
+
+
+def test_tiny_model_overfits_one_pair(data):
+    root, labels = data
+    cfg = get_config('cpu_small', **TINY)
+    item = PairDataset(root, 'train', labels, cfg).load(0)
+    b = collate([item], cfg.grid.num_pillars)
+    assert b['valid'].sum() > 1000 and b['target'].norm(dim=1).max() > 0.1  # something moves
+    torch.manual_seed(0)
+    from zeroflow_ros.model import FastFlow3D
+    model = FastFlow3D(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    loss_fn = get_loss('zeroflow_speed_scaled')
+    losses = []
+    for _ in range(60):
+        out = loss_fn(model(b['pc0'], b['idx0'], b['pc1'], b['idx1']), b['target'], b['valid'])
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.logs['loss'])
+    assert losses[-1] < losses[0] / 10, losses[::10]
+    with torch.no_grad():
+        err = (model(b['pc0'], b['idx0'], b['pc1'], b['idx1']) - b['target']).norm(dim=1)[b['valid']]
+    moving = b['target'][b['valid']].norm(dim=1) > 0.05
+    assert err.mean() < 0.03 and err[moving].mean() < 0.06, (err.mean(), err[moving].mean())
+
+
+def _train_losses(run: Path) -> list[tuple[int, str]]:
+    with open(run / 'metrics.csv') as f:
+        return [(int(r['step']), r['loss']) for r in csv.DictReader(f) if r['split'] == 'train']
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(data, tmp_path):
+    root, labels = data
+    cfg = _cfg(epochs=2)  # 3 pairs, batch 1: 3 steps per epoch; stops at 2 (mid-epoch) and 4
+    a = train(cfg, root, labels, tmp_path / 'a', val_split=None, max_steps=4, progress=False)
+    assert a['stopped'] == 'max_steps' and a['step'] == 4
+    b1 = train(cfg, root, labels, tmp_path / 'b', val_split=None, max_steps=2, progress=False)
+    assert b1['step'] == 2
+    with pytest.raises(TrainError, match='pass --resume'):
+        train(cfg, root, labels, tmp_path / 'b', val_split=None, max_steps=4, progress=False)
+    b2 = train(cfg, root, labels, tmp_path / 'b', resume=True, val_split=None, max_steps=4, progress=False)
+    assert b2['step'] == 4
+    la, lb = _train_losses(tmp_path / 'a'), _train_losses(tmp_path / 'b')
+    assert [s for s, _ in la] == [1, 2, 3, 4] and la == lb  # bit-identical loss curve
+    sa = read_checkpoint(tmp_path / 'a' / 'last.pt')
+    sb = read_checkpoint(tmp_path / 'b' / 'last.pt')
+    assert sa['step'] == sb['step'] == 4 and sa['epoch'] == sb['epoch'] == 1
+    for k, v in sa['state_dict'].items():
+        assert torch.equal(v, sb['state_dict'][k]), k
+    with pytest.raises(TrainError, match='nothing to resume'):
+        train(cfg, root, labels, tmp_path / 'c', resume=True, val_split=None, progress=False)
+
+
+def test_cli_full_run_validates_and_writes_a_loadable_model(data, tmp_path):
+    from zeroflow_ros.cli import main
+    root, labels = data
+    cfg_file = tmp_path / 'tiny.yaml'
+    import yaml
+    cfg_file.write_text(yaml.safe_dump(_cfg(epochs=1).to_dict()))
+    run = tmp_path / 'run'
+    rc = main(['train', '--labels', str(labels), '--data', str(root), '--config', str(cfg_file),
+               '--out', str(run), '--no-progress', '--set', 'augment_yaw=false'])
+    assert rc == 0
+    rows = list(csv.DictReader(open(run / 'metrics.csv')))
+    val = [r for r in rows if r['split'] == 'val']
+    assert len(val) == 1 and float(val[0]['epe_3way']) > 0 and int(val[0]['pairs']) == 1
+    model, meta = load_checkpoint(run / 'model.pt')
+    assert meta['optimizer'] is None and meta['train_config']['augment_yaw'] is False
+    assert model.cfg == get_config('cpu_small', **TINY) and meta['epoch'] == 1
+    assert (run / 'last.pt').is_file() and (run / 'best.pt').is_file() and (run / 'config.yaml').is_file()
+    # bad input gives a clear message and exit code 2, not a traceback
+    assert main(['train', '--labels', str(tmp_path / 'nope'), '--data', str(root), '--config', str(cfg_file),
+                 '--out', str(tmp_path / 'r2')]) == 2
+
+
+def test_config_and_label_errors(data, tmp_path):
+    root, labels = data
+    with pytest.raises(TrainError, match=r"unknown keys \['lrr'\]; valid: \['model'"):
+        TrainConfig.from_dict({'lrr': 1})
+    with pytest.raises(TrainError, match=r"unknown 'big'; valid: \['cpu_small', 'paper'\]"):
+        TrainConfig.from_dict({'model': 'big'})
+    with pytest.raises(TrainError, match="amp: 'fp8'"):
+        TrainConfig.from_dict({'amp': 'fp8'})
+    with pytest.raises(TrainError, match='lr must be float'):
+        TrainConfig.from_dict({'lr': 'fast'})
+    with pytest.raises(TrainError, match='shipped configs'):
+        TrainConfig.from_yaml('no_such_config')
+    assert TrainConfig.from_yaml('default').model == 'paper'
+    assert TrainConfig.from_yaml('cpu_small').model == 'cpu_small'
+    with pytest.raises(DatasetError, match='no sweep pair has a label file'):
+        list_pairs(root, 'train', tmp_path)
+    # a label file with the wrong number of rows names the file
+    bad = tmp_path / 'bad'
+    src = sorted(labels.glob('*/*.feather'))[0]
+    (bad / src.parent.name).mkdir(parents=True)
+    t = feather.read_table(src)
+    feather.write_feather(t.slice(0, t.num_rows - 1), bad / src.parent.name / src.name)
+    ds = PairDataset(root, 'train', bad, get_config('cpu_small', **TINY))
+    assert len(ds) == 1
+    with pytest.raises(DatasetError, match=rf'{src.name}: {t.num_rows - 1} rows, but the lidar sweep'):
+        ds.load(0)
+    feather.write_feather(pa.table({'flow_tx_m': t.column('flow_tx_m')}), bad / src.parent.name / src.name)
+    with pytest.raises(DatasetError, match=r"missing columns \['flow_ty_m', 'flow_tz_m', 'is_valid'\]"):
+        ds.load(0)
