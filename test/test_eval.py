@@ -323,7 +323,7 @@ def tiny(tmp_path_factory):
     from zeroflow_training.data import synth as synth_mod
     pytest.importorskip('av2.map.map_api')
     root = tmp_path_factory.mktemp('tiny')
-    synth_mod.make_tiny_dataset(root / 'data', logs=2, sweeps=3)
+    synth_mod.make_tiny_dataset(root / 'data', logs=1, sweeps=3)
     return _setup(root, _av2_map_ground)
 
 
@@ -333,7 +333,7 @@ def test_end_to_end_parity_with_av2(request, data, method):
     from zeroflow_ros.eval.evaluate import evaluate
     root = request.getfixturevalue(data)
     res = evaluate(root / method, root / 'data', 'val')
-    assert res.num_pairs == (3 if data == 'synth' else 4)
+    assert res.num_pairs == (3 if data == 'synth' else 2)
     ref = av2_results(root / 'anno', root / f'{method}_masked')
     assert_same(res.threeway, ref)
     assert math.isfinite(res.threeway['EPE 3-Way Average'])
@@ -414,3 +414,14 @@ def test_bad_predictions_name_the_file(synth, tmp_path, kind, match):
     with pytest.raises(EvalError, match=match) as exc:
         evaluate(tmp_path / 'bad', synth / 'data', 'val')
     assert str(f.relative_to(tmp_path / 'bad')) in str(exc.value)
+
+
+def test_every_k_counts_over_the_split(synth, tmp_path):
+    """--every 2 over log-a (2 pairs) + log-b (1 pair) keeps global pairs 0 and 2: log-a t0 and log-b t0."""
+    import shutil
+    from zeroflow_ros.eval.evaluate import evaluate
+    shutil.copytree(synth / 'ego', tmp_path / 'ego')
+    skipped = sorted((tmp_path / 'ego' / 'log-a').glob('*.feather'))[1]
+    skipped.unlink()                    # not needed: the subset never reads it
+    res = evaluate(tmp_path / 'ego', synth / 'data', 'val', every=2)
+    assert res.num_pairs == 2

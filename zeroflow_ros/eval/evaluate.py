@@ -3,7 +3,8 @@
 ``PRED_DIR`` holds ``<log_id>/<ts_ns>.feather`` files as ``zeroflow predict`` writes them (one row per
 lidar point of sweep t), or is an AV2 submission archive / folder in the challenge format (one row per
 point of the evaluation mask, float16 flow). Every sweep t of every log of ``DATA_ROOT/<split>`` that
-has a successor is evaluated (``--every 5`` takes every 5th pair of each log); a missing or malformed
+has a successor is evaluated (``--every 5`` takes every 5th pair of the split, in (log_id, timestamp)
+order, as the AV2 leaderboard's ``get_eval_subset``); a missing or malformed
 prediction is an error naming the file, never a partial score.
 
 Per pair, as the official pipeline (``make_mask_files`` + ``make_annotation_files`` + ``eval``):
@@ -161,9 +162,13 @@ def iter_eval_pairs(data_root: Path, split: str, every: int = 1) -> Iterator[Eva
     logs = list_logs(Path(data_root), split)
     if not logs:
         raise EvalError(f'{Path(data_root) / split}: no logs with sensors/lidar/ found')
+    k = -1
     for lg in logs:
         ts = lg.timestamps
-        for k, (t0, t1) in enumerate(zip(ts[:-1], ts[1:])):
+        for t0, t1 in zip(ts[:-1], ts[1:]):
+            # One counter over the whole split in (log_id, timestamp) order, as av2 get_eval_subset
+            # takes every 5th pair of its SceneFlowDataloader.
+            k += 1
             if k % every:
                 continue
             t0, t1 = int(t0), int(t1)
@@ -318,7 +323,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('data_root', type=Path, help='dataset root holding <split>/<log_id>/...')
     parser.add_argument('--split', required=True, help='split folder under DATA_ROOT (e.g. val)')
     parser.add_argument('--every', type=int, default=1,
-                        help='evaluate every k-th pair of each log (the AV2 leaderboard uses 5)')
+                        help='every k-th pair of the split in (log, time) order (AV2 leaderboard: 5)')
     parser.add_argument('--out', type=Path, help='folder for metrics.json and bucketed_epe.png '
                         '(default: <PRED_DIR>_eval next to PRED_DIR)')
 

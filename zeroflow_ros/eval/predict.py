@@ -174,6 +174,19 @@ def _resolve_device(device: str) -> str:
         return 'cpu'
 
 
+def resolve_default_model(model: str) -> str:
+    """``models/default`` in the working directory, else the source tree's or the installed copy."""
+    if model != DEFAULT_MODEL or Path(model).exists():
+        return model
+    import sys
+    here = Path(__file__).resolve()
+    for cand in (here.parents[2] / DEFAULT_MODEL,
+                 Path(sys.prefix) / 'share' / 'zeroflow_ros' / DEFAULT_MODEL):
+        if cand.exists():
+            return str(cand)
+    return model  # the backend names what is missing
+
+
 def make_method(name: str, model: str | None = None, backend: str = 'auto', device: str = 'auto',
                 preprocess: PreprocessConfig | None = None,
                 nsfp_config: dict[str, Any] | None = None) -> FlowMethod:
@@ -185,7 +198,7 @@ def make_method(name: str, model: str | None = None, backend: str = 'auto', devi
     if name == 'nn':
         return NearestNeighbourMethod(preprocess)
     if name == 'student':
-        return StudentMethod(model or DEFAULT_MODEL, backend, device, preprocess)
+        return StudentMethod(resolve_default_model(model or DEFAULT_MODEL), backend, device, preprocess)
     if name == 'nsfp':
         return NSFPMethod(device, preprocess, nsfp_config)
     raise PredictError(f'unknown method {name!r}; valid: {METHODS}')
