@@ -435,8 +435,9 @@ def train(cfg: TrainConfig, data_root: Path, labels: Path | None, run_dir: Path,
                 step += 1
                 if not math.isfinite(out.logs['loss']):
                     save(run_dir / 'nonfinite.pt', epoch)
-                    raise TrainError(f'loss became {out.logs["loss"]} at step {step} (pairs {batch["keys"]}); '
-                                     f'state saved to {run_dir / "nonfinite.pt"}; lower lr or set grad_clip')
+                    raise TrainError(f'loss became {out.logs["loss"]} at step {step} '
+                                     f'(pairs {batch["keys"]}); state saved to {run_dir / "nonfinite.pt"}; '
+                                     'lower lr or set grad_clip')
                 metrics.write({'split': 'train', 'epoch': epoch, 'step': step, 'lr': lr,
                                'seconds': time.perf_counter() - t0, **out.logs})
                 if bar is not None:
