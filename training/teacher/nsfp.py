@@ -247,6 +247,20 @@ def _moving_sq_dist(engine: str, query: torch.Tensor, qmask: torch.Tensor, targe
     return gather_sq_dist(query, target, fn(query, qmask, target, tmask))
 
 
+def truncated_chamfer(a: torch.Tensor, amask: torch.Tensor, b: torch.Tensor, bmask: torch.Tensor,
+                      engine: str = 'brute', trunc_sq_dist: float = 2.0, dt_voxel: float = 0.1) -> torch.Tensor:
+    """(K,) truncated Chamfer of the reference ``my_chamfer_fn``: mean over a of the squared distance
+    to the nearest b plus mean over b of that to the nearest a, squared distances ``>= trunc``
+    counting 0. ``a`` is the moving side (its NN in b goes through ``engine``; for b's NN in a, dt
+    falls back to an exact search)."""
+    cfg = NSFPConfig(nn=engine, trunc_sq_dist=trunc_sq_dist, dt_voxel=dt_voxel)
+    na = amask.sum(1).to(a.dtype)
+    nb = bmask.sum(1).to(b.dtype)
+    fixed = _FixedTarget(engine, b, bmask, cfg)
+    return (_trunc_mean(fixed.sq_dist(a, amask), amask, na, trunc_sq_dist)
+            + _trunc_mean(_moving_sq_dist(engine, b, bmask, a, amask), bmask, nb, trunc_sq_dist))
+
+
 # ----------------------------------------------------------------------------------------------
 # public API
 
