@@ -266,7 +266,7 @@ def _cylinder_hits(o, d, center, radius, half_h):
         x, y = ro[0] + t_cap * d[:, 0], ro[1] + t_cap * d[:, 1]
         cap_ok = going & (t_cap > _EPS_T) & (x * x + y * y <= radius * radius)
         out = np.where(cap_ok & (t_cap < out), t_cap, out)
-    return np.nan_to_num(out, nan=np.inf)
+    return np.where(np.isnan(out), np.inf, out)
 
 
 def _slab_hits(o, d, ground: GroundSurface, center, half, yaw, offset):

@@ -280,20 +280,21 @@ def build_route(start: np.ndarray, u: np.ndarray, lane: int, cross_centers, cros
                 length: float, turns: list[tuple[float, int]], rng: np.random.Generator) -> tuple[Path2D, list]:
     """Lane-centre path of ``length`` m from ``start`` along axis direction ``u``.
 
-    ``turns`` lists (distance along the first leg to the crossing road centre, +1 left / -1 right);
+    ``turns`` lists (distance along the first leg to the crossing road centre, +1 left / -1 right
+    [, arc radius]);
     only the first leg turns (sequences are seconds long). Returns the path and the legs as
     (point, direction) for placing followers.
     """
     pts = [start.copy()]
     p = start.copy()
     if turns:
-        dist, side = turns[0]
+        dist, side = turns[0][:2]
         u2 = np.array([-u[1], u[0]]) * side                  # left: +90 deg
         r2 = np.array([u2[1], -u2[0]])                       # right-hand normal of the new leg
         crossing = p + dist * u
         corner = crossing + r2 * _lane_offset(0)             # new lane line meets the old one
         corner = p + np.dot(corner - p, u) * u
-        radius = rng.uniform(6.0, 8.5) if side < 0 else rng.uniform(9.0, 12.5)
+        radius = turns[0][2] if len(turns[0]) > 2 else (rng.uniform(6.0, 8.5) if side < 0 else rng.uniform(9.0, 12.5))
         radius = min(radius, max(np.dot(corner - p, u) - 1.0, 2.0))
         arc_start = corner - radius * u
         pts.append(arc_start)
@@ -321,12 +322,18 @@ def generate_scene(seed: int, duration: float, max_range: float, cfg: SceneConfi
 
     names, probs = zip(*cfg.ego_modes)
     mode = str(rng.choice(names, p=np.array(probs) / sum(probs)))
+    turn_side = int(rng.choice([-1, 1]))
+    turn_radius = rng.uniform(6.0, 9.0) if turn_side < 0 else rng.uniform(9.0, 13.0)
     profile = _ego_profile(rng, mode, T)
+    if mode == 'turn':      # lateral acceleration v^2 / R stays under ~3.5 m/s^2
+        profile.v0 = min(profile.v0, float(np.sqrt(3.5 * turn_radius)))
+        profile.v_max = max(profile.v0, float(np.sqrt(3.5 * turn_radius)))
     travel = float(profile.arc_length(np.array([T]), T)[0])
 
     # the ego drives +x on the road y = 0; the first crossing road lies d_cross ahead
     if mode == 'turn':
-        d_cross = rng.uniform(0.25, 0.6) * max(travel, 8.0) + 14.0
+        # the arc starts within the first 40 % of the drive: corner = crossing +- lane offset
+        d_cross = rng.uniform(0.0, 0.4) * travel + turn_radius - turn_side * _lane_offset(0)
     else:
         d_cross = rng.uniform(20.0, 70.0)
     reach = max_range + travel + 80.0
@@ -339,10 +346,10 @@ def generate_scene(seed: int, duration: float, max_range: float, cfg: SceneConfi
     ego_road = h_roads[0.0]
     ego_lane = int(rng.integers(0, ego_road.lanes))
     start = np.array([0.0, -_lane_offset(ego_lane)])
-    turns = [(d_cross, int(rng.choice([-1, 1])))] if mode == 'turn' else []
+    turns = [(d_cross, turn_side, turn_radius)] if mode == 'turn' else []
     back = 60.0
     ego_path, _ = build_route(start - back * np.array([1.0, 0.0]), np.array([1.0, 0.0]), ego_lane, xs, v_roads,
-                              back + travel + 120.0, [(t[0] + back, t[1]) for t in turns], rng)
+                              back + travel + 120.0, [(t[0] + back, *t[1:]) for t in turns], rng)
     if turns:
         ego_lane = 0
     times = np.arange(0, T + 1e-9, 0.1)

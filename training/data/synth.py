@@ -419,7 +419,11 @@ def _write_feather(df, path: Path) -> None:
 
 
 def _ground_raster(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
-    """Ground height (float16, NaN under buildings) on 0.3 m cells over the scene bounds, and img_t_city."""
+    """Ground height (float16, NaN under buildings) on 0.3 m cells over the scene bounds, and img_t_city.
+
+    Cell (row i, col j) holds the surface height at its centre, as av2 reads it back by truncating
+    ``img = s * (city + t)``.
+    """
     x0, y0, x1, y1 = scene.bounds
     x0, y0 = np.floor(x0), np.floor(y0)
     w = int(np.ceil((x1 - x0) / RASTER_RES_M))
@@ -428,19 +432,30 @@ def _ground_raster(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
     cy = y0 + (np.arange(h) + 0.5) * RASTER_RES_M
     X, Y = np.meshgrid(cx, cy)                      # [row = y, col = x] as av2 indexes
     Z = scene.ground.height(X, Y)
+
+    def window(c, half):
+        """Row/col slices of the cells a rotated rectangle can touch."""
+        r = float(np.hypot(*half)) + RASTER_RES_M
+        j0, j1 = np.clip(np.floor((np.array([c[0] - r, c[0] + r]) - x0) / RASTER_RES_M).astype(int), 0, w)
+        i0, i1 = np.clip(np.floor((np.array([c[1] - r, c[1] + r]) - y0) / RASTER_RES_M).astype(int), 0, h)
+        return slice(i0, i1 + 1), slice(j0, j1 + 1)
+
+    def local(c, yaw, win):
+        cs, sn = np.cos(yaw), np.sin(yaw)
+        dx, dy = X[win] - c[0], Y[win] - c[1]
+        return cs * dx + sn * dy, -sn * dx + cs * dy
+
     prims = scene.static
     for c, half, yaw, off in zip(prims.slab_center, prims.slab_half, prims.slab_yaw, prims.slab_offset):
-        cs, sn = np.cos(yaw), np.sin(yaw)
-        lx = cs * (X - c[0]) + sn * (Y - c[1])
-        ly = -sn * (X - c[0]) + cs * (Y - c[1])
-        Z = np.where((np.abs(lx) <= half[0]) & (np.abs(ly) <= half[1]), Z + off, Z)
+        win = window(c, half)
+        lx, ly = local(c, yaw, win)
+        Z[win] = np.where((np.abs(lx) <= half[0]) & (np.abs(ly) <= half[1]), Z[win] + off, Z[win])
     for c, half, yaw in scene.building_footprints:
-        cs, sn = np.cos(yaw), np.sin(yaw)
-        lx = cs * (X - c[0]) + sn * (Y - c[1])
-        ly = -sn * (X - c[0]) + cs * (Y - c[1])
+        win = window(c, half)
+        lx, ly = local(c, yaw, win)
         # shrink by a cell so the ground right at a facade keeps a height
         inside = (np.abs(lx) <= half[0] - RASTER_RES_M) & (np.abs(ly) <= half[1] - RASTER_RES_M)
-        Z = np.where(inside, np.nan, Z)
+        Z[win] = np.where(inside, np.nan, Z[win])
     return Z.astype(np.float16), np.array([-x0, -y0])
 
 
