@@ -7,8 +7,10 @@ straight from the reference implementation's definition, and against hand-comput
 """
 from __future__ import annotations
 
+import io
 import math
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -425,3 +427,20 @@ def test_every_k_counts_over_the_split(synth, tmp_path):
     skipped.unlink()                    # not needed: the subset never reads it
     res = evaluate(tmp_path / 'ego', synth / 'data', 'val', every=2)
     assert res.num_pairs == 2
+
+
+def test_submission_zip_scores_like_av2_evaluate_zip(synth, tmp_path):
+    from zeroflow_ros.eval.evaluate import evaluate
+    archive = tmp_path / 'sub.zip'
+    with zipfile.ZipFile(archive, 'w') as zf:
+        for f in sorted((synth / 'nn_masked').rglob('*.feather')):
+            df = pd.read_feather(f)
+            for c in ('flow_tx_m', 'flow_ty_m', 'flow_tz_m'):
+                df[c] = df[c].astype(np.float16)       # the challenge format
+            buf = io.BytesIO()
+            df.to_feather(buf)
+            zf.writestr(f'{f.parent.name}/{f.name}', buf.getvalue())
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        ref = av2.eval.results_to_dict(av2.eval.evaluate_zip(synth / 'anno', archive))
+    assert_same(evaluate(archive, synth / 'data', 'val').threeway, ref)
