@@ -91,7 +91,7 @@ class GeometricGroundConfig:
     seed_band: float = 0.15
     min_seeds: int = 3
     # A point is ground when it lies at most this far above its cell's ground plane (av2 uses 0.3).
-    height_threshold: float = 0.25
+    height_threshold: float = 0.2
     # Plane normals tilted more than this are walls/vehicles, not ground.
     max_tilt_deg: float = 25.0
     # Cell-to-cell change of ground height allowed: slope * distance + step (curbs).
