@@ -20,7 +20,8 @@ LAUNCH = ROOT / 'launch' / 'zeroflow.launch.py'
 PARAMS = ROOT / 'config' / 'zeroflow.param.yaml'
 RVIZ = ROOT / 'rviz' / 'zeroflow.rviz'
 PROFILE = ROOT / 'config' / 'fastdds_large_data.xml'
-REQUIRED_LAUNCH_ARGS = {'params_file', 'input_topic', 'odometry_topic', 'use_sim_time', 'namespace', 'node_name',
+REQUIRED_LAUNCH_ARGS = {'params_file', 'input_topic', 'odometry_topic', 'use_sim_time', 'namespace',
+                        'node_name',
                         'log_level', 'rviz', 'fixed_frame'}
 AUTO_PARAMS = {'use_sim_time', 'start_type_description_service'}  # declared by rclpy itself
 
@@ -48,7 +49,8 @@ def declared(tmp_path_factory):
     from zeroflow_ros.testing import ros_context
     torch.manual_seed(0)
     path = save_checkpoint(tmp_path_factory.mktemp('m') / 'model.pt', build_model(get_config(
-        'cpu_small', pillar_size=1.6, embed_channels=4, stage_channels=(4,), stage_blocks=(1,), head_hidden=4)))
+        'cpu_small', pillar_size=1.6, embed_channels=4, stage_channels=(4,), stage_blocks=(1,),
+        head_hidden=4)))
     backend = create_backend(str(path), backend='torch', device='cpu', threads=1)
     with ros_context() as ctx:
         node = ZeroFlowNode(context=ctx, backend=backend)
@@ -81,7 +83,8 @@ def test_launch_file_refers_to_real_executable_files_and_params(declared):
     ours = []
     for n in nodes:
         kw = {k.arg: k.value for k in n.keywords}
-        pkg = kw['package'].value if isinstance(kw['package'], ast.Constant) else module_consts[kw['package'].id]
+        pkg = (kw['package'].value if isinstance(kw['package'], ast.Constant)
+               else module_consts[kw['package'].id])
         exe = ast.literal_eval(kw['executable'])
         if pkg == 'zeroflow_ros':
             assert exe in scripts, f'launch starts {exe!r}; setup.py console_scripts: {sorted(scripts)}'
@@ -106,7 +109,8 @@ def test_launch_file_refers_to_real_executable_files_and_params(declared):
         files.append(rel.as_posix())
     assert {'config/zeroflow.param.yaml', 'config/fastdds_large_data.xml', 'rviz/zeroflow.rviz'} <= set(files)
     # launch arguments: the required ones are declared, and only declared ones are used
-    arg_table = next(n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == 'ARGUMENTS')
+    arg_table = next(n.value for n in tree.body
+                     if isinstance(n, ast.Assign) and n.targets[0].id == 'ARGUMENTS')
     declared_args = {ast.literal_eval(t.elts[0]) for t in arg_table.elts}
     used = {ast.literal_eval(c.args[0]) for c in calls(tree, 'LaunchConfiguration')}
     assert REQUIRED_LAUNCH_ARGS <= declared_args, REQUIRED_LAUNCH_ARGS - declared_args
@@ -142,7 +146,8 @@ def test_params_file_matches_declared_parameters(declared):
             assert v == got and type(v) is type(got), (k, v, got)
         desc = declared[k][1]
         assert desc.description, f'{k} has no description'
-    for k in ('model', 'backend', 'precision', 'point_range_m', 'input_topic', 'input_reliability', 'ego_motion'):
+    for k in ('model', 'backend', 'precision', 'point_range_m', 'input_topic', 'input_reliability',
+              'ego_motion'):
         assert declared[k][1].read_only, f'{k} should be read-only'
     assert declared['max_points'][1].integer_range and declared['latency_budget_ms'][1].floating_point_range
     assert 'auto' in declared['input_reliability'][1].additional_constraints
@@ -165,13 +170,15 @@ def test_rviz_config_names_the_node_topics(declared):
 def test_fastdds_profile_has_large_shared_memory_segment():
     ns = {'d': 'http://www.eprosima.com'}
     root = ET.parse(PROFILE).getroot()
-    shm = [t for t in root.iterfind('.//d:transport_descriptor', ns) if t.findtext('d:type', namespaces=ns) == 'SHM']
+    shm = [t for t in root.iterfind('.//d:transport_descriptor', ns)
+           if t.findtext('d:type', namespaces=ns) == 'SHM']
     assert shm and int(shm[0].findtext('d:segment_size', namespaces=ns)) >= 64 * 1024 * 1024
     part = root.find('.//d:participant', ns)
     assert part.get('is_default_profile') == 'true'
     used = {e.text for e in part.iterfind('.//d:userTransports/d:transport_id', ns)}
     assert shm[0].findtext('d:transport_id', namespaces=ns) in used
-    assert any(t.findtext('d:type', namespaces=ns) == 'UDPv4' and t.findtext('d:transport_id', namespaces=ns) in used
+    assert any(t.findtext('d:type', namespaces=ns) == 'UDPv4'
+               and t.findtext('d:transport_id', namespaces=ns) in used
                for t in root.iterfind('.//d:transport_descriptor', ns))  # discovery, remote subscribers
 
 
@@ -180,7 +187,8 @@ def test_cli_passes_ros_args_through(monkeypatch):
     from zeroflow_ros import node as node_mod
     seen = []
     monkeypatch.setattr(node_mod, 'spin_node', lambda args: seen.append(args) or 0)
-    argv = ['node', '--params-file', str(PARAMS), '--ros-args', '-r', '__node:=lidar_flow', '-p', 'backend:=torch']
+    argv = ['node', '--params-file', str(PARAMS),
+            '--ros-args', '-r', '__node:=lidar_flow', '-p', 'backend:=torch']
     assert cli.main(argv) == 0
     assert seen == [['--ros-args', '--params-file', str(PARAMS), '--',
                      '--ros-args', '-r', '__node:=lidar_flow', '-p', 'backend:=torch']]

@@ -174,7 +174,8 @@ def test_sequence_with_odometry_in_process(ros, tiny_model, synth_log):
             assert m.header.frame_id == 'ego'
         # debug timings and diagnostics on the wire
         assert wait_for(lambda: all(len(debug.get(k, [])) >= 1 for k in
-                                    ('preprocess', 'inference', 'postprocess', 'total', 'pipeline_latency')), 5)
+                                    ('preprocess', 'inference', 'postprocess', 'total',
+                                     'pipeline_latency')), 5)
         assert all(v > 0 for v in debug['inference'])
         assert debug['total'][-1] >= debug['inference'][-1]
         assert wait_for(lambda: any(_diag(a, '/zf_test', 'flows_published') == str(len(ts) - 1)
@@ -186,7 +187,8 @@ def test_sequence_with_odometry_in_process(ros, tiny_model, synth_log):
         assert values['input_reliability'] == 'reliable' and values['errors_total'] == '0'
 
         # over budget: WARN at once, ERROR once it lasts longer than error_after_s
-        res = node.set_parameters([Parameter('latency_budget_ms', value=1.0), Parameter('error_after_s', value=1.0)])
+        res = node.set_parameters([Parameter('latency_budget_ms', value=1.0),
+                                   Parameter('error_after_s', value=1.0)])
         assert all(r.successful for r in res)
         assert not node.set_parameters([Parameter('latency_budget_ms', value=0.0)])[0].successful  # range
         assert not node.set_parameters([Parameter('backend', value='onnxruntime')])[0].successful  # read-only
@@ -251,12 +253,14 @@ def test_separate_process_large_clouds_and_pair(ros, tiny_model, tmp_path):
 
     domain = int(os.environ['ROS_DOMAIN_ID'])
     log_path = tmp_path / 'node.log'
-    cmd = [sys.executable, '-m', 'zeroflow_ros.cli', 'node', '--params-file', str(ROOT / 'config' / 'zeroflow.param.yaml'),
+    cmd = [sys.executable, '-m', 'zeroflow_ros.cli', 'node',
+           '--params-file', str(ROOT / 'config' / 'zeroflow.param.yaml'),
            '--ros-args', '-r', '__node:=zf_proc', '-p', f'model:={tiny_model}', '-p', 'backend:=torch',
            '-p', 'device:=cpu', '-p', 'ego_motion:=none', '-p', 'warmup_iterations:=0',
            '-p', 'diagnostics_period_s:=0.2', '-p', 'latency_budget_ms:=10000.0']
     with open(log_path, 'w') as log_file:
-        proc = subprocess.Popen(cmd, env=_env(domain), stdout=log_file, stderr=subprocess.STDOUT, cwd=str(tmp_path))
+        proc = subprocess.Popen(cmd, env=_env(domain), stdout=log_file, stderr=subprocess.STDOUT,
+                                cwd=str(tmp_path))
     probe = rclpy.create_node('zf_proc_probe', context=ros)
     ex = SingleThreadedExecutor(context=ros)
     ex.add_node(probe)
@@ -286,7 +290,8 @@ def test_separate_process_large_clouds_and_pair(ros, tiny_model, tmp_path):
         for reliability in ('reliable', 'best_effort'):
             pub = subprocess.run([sys.executable, __file__, 'publish', '--topic', '/zf_proc/input/pointcloud',
                                   '--reliability', reliability, '--points', '100000', '--count', '20',
-                                  '--rate', '10'], env=_env(domain), capture_output=True, text=True, timeout=90)
+                                  '--rate', '10'],
+                                 env=_env(domain), capture_output=True, text=True, timeout=90)
             assert pub.returncode == 0, pub.stderr[-2000:]
             received += 20
             spin_until(lambda: value('messages_received') == str(received)
@@ -309,7 +314,8 @@ def test_separate_process_large_clouds_and_pair(ros, tiny_model, tmp_path):
             cloud_pub.publish(pc2.encode(pts, {}, frame_id='lidar', stamp_ns=t0 + k * 100_000_000))
             spin_until(lambda: value('messages_received') == str(received + k + 1), 15)
         spin_until(lambda: len(flows) == 1, 30)
-        ref, _ = offline_flow(create_backend(str(tiny_model), backend='torch', device='cpu'), p0, p1, np.eye(4))
+        offline = create_backend(str(tiny_model), backend='torch', device='cpu')
+        ref, _ = offline_flow(offline, p0, p1, np.eye(4))
         got = np.stack([field_array(flows[0], k) for k in ('flow_x', 'flow_y', 'flow_z')], axis=1)
         assert np.abs(got - ref).max() <= 1e-5
     finally:

@@ -45,7 +45,8 @@ class Factory:
     def layout(self, names=('x', 'y', 'z'), xyz_type=7, extra=0):
         """Random field order, offsets and padding: list of (name, offset, datatype, count), point_step."""
         rng = self.rng
-        fields = [(n, xyz_type) for n in names] + [(f'extra{i}', int(rng.choice(list(DT)))) for i in range(extra)]
+        fields = [(n, xyz_type) for n in names]
+        fields += [(f'extra{i}', int(rng.choice(list(DT)))) for i in range(extra)]
         order = rng.permutation(len(fields))
         out, off = [], 0
         for i in order:
@@ -61,7 +62,8 @@ class Factory:
         m.header.frame_id = frame_id
         m.header.stamp.sec, m.header.stamp.nanosec = divmod(int(stamp_ns), 1_000_000_000)
         m.height, m.width = int(height), int(width)
-        m.fields = [self.PointField(name=n, offset=int(o), datatype=int(d), count=int(c)) for n, o, d, c in fields]
+        m.fields = [self.PointField(name=n, offset=int(o), datatype=int(d), count=int(c))
+                    for n, o, d, c in fields]
         m.point_step = int(point_step)
         m.row_step = int(point_step * width if row_step is None else row_step)
         m.is_bigendian = bool(big)
@@ -168,7 +170,8 @@ def node_env(tmp_path_factory):
                   Parameter('device', value='cpu'), Parameter('ego_motion', value='none'),
                   Parameter('input_reliability', value='reliable'), Parameter('max_points', value=100_000),
                   Parameter('skip_when_no_subscribers', value=False), Parameter('warmup_iterations', value=0),
-                  Parameter('max_sweep_gap_s', value=MAX_GAP_S), Parameter('latency_budget_ms', value=10000.0)]
+                  Parameter('max_sweep_gap_s', value=MAX_GAP_S),
+                  Parameter('latency_budget_ms', value=10000.0)]
         node = ZeroFlowNode('zf_fuzz', context=ctx, parameter_overrides=params)
         probe = rclpy.create_node('zf_fuzz_probe', context=ctx)
         flows: list = []
@@ -292,7 +295,8 @@ def test_fuzz_then_good_pair(node_env):
     ref[prep.mask0] = np.where(valid_k[:, None], flow_k, 0)
     raw = np.frombuffer(bytes(msg.data), np.uint8).reshape(-1, msg.point_step)
     off = {fl.name: fl.offset for fl in msg.fields}
-    got = np.stack([raw[:, off[k]:off[k] + 4].copy().view('<f4').ravel() for k in ('flow_x', 'flow_y', 'flow_z')], 1)
+    got = np.stack([raw[:, off[k]:off[k] + 4].copy().view('<f4').ravel()
+                    for k in ('flow_x', 'flow_y', 'flow_z')], 1)
     xyz = np.stack([raw[:, off[k]:off[k] + 4].copy().view('<f4').ravel() for k in 'xyz'], 1)
     assert np.array_equal(xyz, p0)
     assert np.abs(got - ref).max() <= 1e-5

@@ -180,7 +180,8 @@ def test_resets_gap_backwards_frame_change(backend):
     assert pipe.step(a, t, frame_id='velo') is None
     assert pipe.step(a, t + 100_000_000, frame_id='velo') is not None
     assert pipe.step(a, t + 400_000_000, frame_id='velo') is None and pipe.last_reset_reason == 'gap'
-    assert pipe.step(a, t + 300_000_000, frame_id='velo') is None and pipe.last_reset_reason == 'stamp_backwards'
+    assert pipe.step(a, t + 300_000_000, frame_id='velo') is None
+    assert pipe.last_reset_reason == 'stamp_backwards'
     assert pipe.step(a, t + 300_000_000, frame_id='velo') is None  # duplicate stamp
     assert pipe.step(a, t + 400_000_000, frame_id='other') is None
     assert pipe.last_reset_reason == 'frame_id_changed'
@@ -225,7 +226,8 @@ def test_config_validation_names_field():
         PipelineConfig(ego_motion='gps')
     with pytest.raises(PipelineError, match='point_range_m'):
         PipelineConfig(point_range_m=(0, 0, 0, -1, 1, 1))
-    c = PipelineConfig.from_dict({'backend': 'torch', 'publish_markers': True, 'point_range_m': [-1, -1, -1, 1, 1, 1]})
+    c = PipelineConfig.from_dict({'backend': 'torch', 'publish_markers': True,
+                                  'point_range_m': [-1, -1, -1, 1, 1, 1]})
     assert c.backend == 'torch' and c.point_range_m == (-1.0, -1.0, -1.0, 1.0, 1.0, 1.0)
     assert dataclasses.is_dataclass(c)
     with pytest.raises(dataclasses.FrozenInstanceError):

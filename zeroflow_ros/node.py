@@ -38,8 +38,7 @@ from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescr
                                 SetParametersResult)
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
-from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
-                       qos_profile_sensor_data)
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
 from zeroflow_ros import pipeline as pl
 from zeroflow_ros import visualization as vis
@@ -69,7 +68,8 @@ class Param:
 
 PARAMS: tuple[Param, ...] = (
     Param('input_topic', '~/input/pointcloud', 'PointCloud2 input topic (also remappable)'),
-    Param('odometry_topic', '~/input/odometry', 'nav_msgs/Odometry input topic, used with ego_motion=odometry'),
+    Param('odometry_topic', '~/input/odometry',
+          'nav_msgs/Odometry input topic, used with ego_motion=odometry'),
     Param('input_reliability', 'auto', 'input QoS reliability; auto follows the publisher (polls until one '
           'appears, re-checks when it changes)', choices=RELIABILITIES),
     Param('input_depth', 1, 'input QoS keep-last depth (1: a stale frame is worse than a dropped one)',
@@ -251,7 +251,8 @@ class ZeroFlowNode(Node):
         self._backend_device = str(b.get('device'))
         self.get_logger().info(
             f"zeroflow_node ready: backend={b.get('backend', b.get('name'))} device={b.get('device')} "
-            f"precision={b.get('precision', self.config.precision)} model={b.get('model', self.config.model)} "
+            f"precision={b.get('precision', self.config.precision)} "
+            f"model={b.get('model', self.config.model)} "
             f"grid={b.get('grid')} ego_motion={self.config.ego_motion} input={self.input_topic} "
             f"reliability={v['input_reliability']}")
 
@@ -261,7 +262,8 @@ class ZeroFlowNode(Node):
             if p.choices:
                 value = self.get_parameter(p.name).value
                 if value not in p.choices:
-                    raise pl.PipelineError('config', f'parameter {p.name}={value!r}; expected one of {p.choices}')
+                    raise pl.PipelineError('config',
+                                           f'parameter {p.name}={value!r}; expected one of {p.choices}')
 
     def _on_set_parameters(self, params: list) -> SetParametersResult:
         table = {p.name: p for p in PARAMS}
@@ -289,12 +291,14 @@ class ZeroFlowNode(Node):
         wanted = self._wanted_reliability()
         if wanted is None:
             if self._sub is None and not self._waiting_logged:
-                self.get_logger().info(f'waiting for a publisher on {self.input_topic} (input_reliability=auto)')
+                self.get_logger().info(
+                    f'waiting for a publisher on {self.input_topic} (input_reliability=auto)')
                 self._waiting_logged = True
             return
         if wanted != self.reliability:
             if self._sub is not None:
-                self.get_logger().info(f'publisher QoS on {self.input_topic} changed: re-subscribing {wanted}')
+                self.get_logger().info(
+                    f'publisher QoS on {self.input_topic} changed: re-subscribing {wanted}')
             self._subscribe(wanted)
 
     def _subscribe(self, reliability: str) -> None:
@@ -340,7 +344,7 @@ class ZeroFlowNode(Node):
                 self._process(*item)
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
-        """True once no message is waiting (tests and benches)."""
+        """Wait until no message is waiting or in work; False on timeout (tests and benches)."""
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
@@ -411,7 +415,8 @@ class ZeroFlowNode(Node):
             with self._lock:
                 self._busy = False
 
-    def _publish(self, frame: pl.FlowFrame, t0: float, t_recv: float, decode_ms: float, stamp_ns: int) -> None:
+    def _publish(self, frame: pl.FlowFrame, t0: float, t_recv: float, decode_ms: float,
+                 stamp_ns: int) -> None:
         from zeroflow_ros.core import pointcloud2 as pc2
 
         t_post = time.perf_counter()
@@ -426,7 +431,8 @@ class ZeroFlowNode(Node):
                 frame.points, frame.flow, frame.speed, frame.is_dynamic,
                 decimation=self._p('marker_decimation'), length_scale=self._p('marker_length_scale'),
                 max_arrows=self._p('marker_max_arrows'), max_speed=self._p('marker_max_speed_mps'))
-            self._marker_pub.publish(vis.flow_marker(frame.tag, verts, rgb, line_width=self._p('marker_line_width')))
+            self._marker_pub.publish(
+                vis.flow_marker(frame.tag, verts, rgb, line_width=self._p('marker_line_width')))
         now = time.monotonic()
         t_end = time.perf_counter()
         timings = dict(frame.timings_ms)
@@ -481,7 +487,7 @@ class ZeroFlowNode(Node):
 
     # -- diagnostics -------------------------------------------------------------------------
     def diagnostic_status(self) -> Any:
-        """The node's one DiagnosticStatus (also used by tests)."""
+        """Build the node's one DiagnosticStatus (also used by tests)."""
         m = _msgs()
         now = time.monotonic()
         error_after = self._p('error_after_s')
@@ -570,7 +576,8 @@ class _Msgs:
         from sensor_msgs.msg import PointCloud2
         from std_msgs.msg import Float64
         from visualization_msgs.msg import Marker
-        self.DiagnosticArray, self.DiagnosticStatus, self.KeyValue = DiagnosticArray, DiagnosticStatus, KeyValue
+        self.DiagnosticArray, self.DiagnosticStatus = DiagnosticArray, DiagnosticStatus
+        self.KeyValue = KeyValue
         self.Odometry, self.PointCloud2, self.Float64, self.Marker = Odometry, PointCloud2, Float64, Marker
 
 
@@ -613,7 +620,8 @@ def spin_node(ros_args: list[str]) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--params-file', default=None,
-                        help='ROS parameter YAML (default: the declared defaults = config/zeroflow.param.yaml)')
+                        help='ROS parameter YAML (default: the declared defaults, '
+                        'the same as config/zeroflow.param.yaml)')
     parser.epilog = ('ROS arguments pass through unchanged after --ros-args, e.g. '
                      'zeroflow node --ros-args -r __node:=lidar_flow -r ~/input/pointcloud:=/lidar/points '
                      '-p backend:=onnxruntime')

@@ -79,7 +79,8 @@ class PipelineConfig:
         )
         for name, ok, expected in checks:
             if not ok:
-                raise PipelineError('config', f'PipelineConfig.{name}={getattr(self, name)!r}; expected {expected}')
+                raise PipelineError('config',
+                                    f'PipelineConfig.{name}={getattr(self, name)!r}; expected {expected}')
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> 'PipelineConfig':
@@ -166,7 +167,8 @@ class PoseBuffer:
         n = np.linalg.norm(q)
         p = np.asarray(position, float)
         if not (np.isfinite(n) and n > 1e-9 and np.all(np.isfinite(p))):
-            raise PipelineError('odometry', f'odometry pose at {stamp_ns} ns is not finite / has a zero quaternion')
+            raise PipelineError('odometry',
+                                f'odometry pose at {stamp_ns} ns is not finite / has a zero quaternion')
         with self._cond:
             if self._stamps and stamp_ns < self._stamps[-1]:
                 self._stamps.clear()
@@ -248,8 +250,8 @@ class Pipeline:
         self.config = config
         if backend is None:
             from zeroflow_ros.backends import create_backend
-            backend = create_backend(resolve_model_path(config.model), backend=config.backend, device=config.device,
-                                     precision=config.precision)
+            backend = create_backend(resolve_model_path(config.model), backend=config.backend,
+                                     device=config.device, precision=config.precision)
         self.backend = backend
         self._preprocess_cfg = make_preprocess_config(config)
         # Ground masks are passed in per sweep; 'auto' uses them (same result as 'geometric'/'none').
@@ -348,7 +350,8 @@ class Pipeline:
                                 f'{self.config.max_points} (clip before calling step)')
         finite = np.isfinite(pts).all(axis=1)
         if not finite.any():
-            raise PipelineError('all_nan', f'points: all {len(pts)} points are NaN/inf; expected finite x, y, z')
+            raise PipelineError('all_nan',
+                                f'points: all {len(pts)} points are NaN/inf; expected finite x, y, z')
         return np.ascontiguousarray(pts, dtype=np.float32)
 
     def _ego_pose(self, pts: np.ndarray, stamp_ns: int, pose: np.ndarray | None, frame_id: str) -> np.ndarray:
@@ -457,7 +460,7 @@ def _default_lidar_odometry() -> Any:
 
 
 def make_preprocess_config(config: PipelineConfig) -> Any:
-    """The ``core.preprocess`` settings of the node: range box and ground mode from the config."""
+    """Build the ``core.preprocess`` settings of the node: range box and ground mode from the config."""
     from zeroflow_ros.core import preprocess
     x0, y0, z0, x1, y1, z1 = config.point_range_m
     return preprocess.PreprocessConfig(x_min=x0, x_max=x1, y_min=y0, y_max=y1, z_min=z0, z_max=z1,

@@ -51,7 +51,7 @@ def arrow_segments(points: np.ndarray, flow: np.ndarray, speed: np.ndarray, is_d
 
 def flow_marker(header: Any, verts: np.ndarray, rgb: np.ndarray, *, line_width: float = 0.05,
                 ns: str = 'zeroflow_flow', alpha: float = 1.0) -> Any:
-    """A ``visualization_msgs/Marker`` LINE_LIST (replaces the previous one: fixed ns/id)."""
+    """Build a ``visualization_msgs/Marker`` LINE_LIST (replaces the previous one: fixed ns/id)."""
     from builtin_interfaces.msg import Duration
     from geometry_msgs.msg import Point
     from std_msgs.msg import ColorRGBA
