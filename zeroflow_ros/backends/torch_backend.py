@@ -71,6 +71,9 @@ class TorchBackend(Backend):
         super().__init__(source, grid, device, precision, threads)
         self._torch = torch
         self._dev = torch.device(device)
+        if device == 'cuda':
+            # the grid is static, so conv shapes never change: let cuDNN pick its fastest kernels once
+            torch.backends.cudnn.benchmark = True
         self.model = model.eval().to(self._dev)
         for p in self.model.parameters():
             p.requires_grad_(False)
