@@ -128,9 +128,13 @@ def test_geometric_ground_on_slopes_curbs_and_objects():
     # A car body 0.3-1.5 m above the road is never ground, except its lowest 0.2 m band.
     car = (pts[:, 0] >= 5) & (pts[:, 0] <= 9.5) & (pts[:, 1] <= -2.2) & (pts[:, 1] >= -4) & ~truth
     assert pred[car & (pts[:, 2] > -1.3)].sum() == 0
-    # Row order is kept and NaN rows are never ground.
+    # Row order is kept and NaN rows are never ground; absurd coordinates do not break the grid.
     pts[::97] = np.nan
-    assert not geometric_ground(pts)[::97].any()
+    pts[1::97] = (1e30, -1e30, 0.0)
+    pts[2::97, 0] = np.inf
+    out = geometric_ground(pts)
+    assert not out[::97].any() and not out[2::97].any()
+    np.testing.assert_array_equal(out[3::97], pred[3::97])
 
 
 def test_geometric_ground_on_real_av2_against_map():

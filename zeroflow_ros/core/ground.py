@@ -144,7 +144,8 @@ def _ring_index(r: np.ndarray, edges: np.ndarray) -> np.ndarray:
     step = 0.1
     grid = np.arange(0.0, top + step, step)
     lut = np.clip(np.searchsorted(edges, grid, side='right') - 1, 0, len(edges) - 2)
-    ring = lut[np.minimum((r * (1 / step)).astype(np.int64), len(lut) - 1)]
+    # Clip before the integer cast: huge (corrupt) ranges would overflow it.
+    ring = lut[(np.minimum(r, top) * (1 / step)).astype(np.int64)]
     # The table gives the ring of the grid cell's start: step forward where a ring edge falls inside.
     for _ in range(len(edges)):
         fwd = (ring < len(edges) - 2) & (r >= edges[ring + 1])
