@@ -109,16 +109,16 @@ def estimate_ground_height(points: np.ndarray, r_min: float = 2.0, r_max: float 
     z = points[(r >= r_min) & (r < r_max), 2]
     if len(z) < 10:
         z = points[:, 2]
-    if len(z) == 0:
+    # Any lidar mount lies within +-10 m of the road: a fixed window makes this one bincount.
+    lo, n_bins = -10.0, int(round(20.0 / bin_m))
+    k = np.floor((z - lo) * (1 / bin_m)).astype(np.int64)
+    k = k[(k >= 0) & (k < n_bins)]
+    if len(k) == 0:
         return 0.0
-    lo, hi = np.percentile(z, [0.5, 99.5])
-    if hi - lo < bin_m:
-        return float(np.median(z))
-    hist, edges = np.histogram(z, bins=max(1, int(np.ceil((hi - lo) / bin_m))), range=(lo, hi))
+    hist = np.bincount(k, minlength=n_bins)
     # The ground is the lowest strong peak: walls and vegetation can form larger peaks higher up.
-    strong = np.nonzero(hist >= 0.5 * hist.max())[0]
-    k = int(strong[0])
-    return float(0.5 * (edges[k] + edges[k + 1]))
+    first = int(np.nonzero(hist >= 0.5 * hist.max())[0][0])
+    return float(lo + (first + 0.5) * bin_m)
 
 
 def _diamond_angle(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -220,9 +220,9 @@ def geometric_ground(points: np.ndarray, cfg: GeometricGroundConfig | None = Non
     slope = np.tan(np.deg2rad(cfg.max_slope_deg))
     ground_h = np.full(n_sec, estimate_ground_height(xyz, *cfg.init_range, r=r))
     prev_r = 0.0
-    # Accepted cells keep their fitted plane; the others get a level plane at the carried height.
-    plane_n = np.tile([0.0, 0.0, 1.0], (n_cells, 1))
-    plane_p = np.zeros((n_cells, 3))
+    # Accepted cells keep their fitted plane z = a x + b y + c; the others get a level plane at the
+    # carried height.
+    pa, pb, pc = np.zeros(n_cells), np.zeros(n_cells), np.zeros(n_cells)
     for k in range(n_rings):
         idx = k * n_sec + np.arange(n_sec)
         rc = centres_r[k]
@@ -233,14 +233,15 @@ def geometric_ground(points: np.ndarray, cfg: GeometricGroundConfig | None = Non
         allow = slope * (rc - prev_r) + cfg.max_step
         ok = fit[idx] & np.isfinite(h) & (np.abs(h - ground_h) <= allow)
         ground_h = np.where(ok, h, ground_h)
-        plane_n[idx[ok]] = nrm[ok]
-        plane_p[idx] = np.where(ok[:, None], np.stack([mx[idx], my[idx], mz[idx]], axis=1),
-                                np.stack([cx, cy, ground_h], axis=1))
+        with np.errstate(invalid='ignore', divide='ignore'):
+            a, b = -nrm[:, 0] / nrm[:, 2], -nrm[:, 1] / nrm[:, 2]
+        pa[idx] = np.where(ok, a, 0.0)
+        pb[idx] = np.where(ok, b, 0.0)
+        pc[idx] = np.where(ok, mz[idx] - a * mx[idx] - b * my[idx], ground_h)
         prev_r = rc
 
-    pn = plane_n.astype(np.float32)[cell]
-    pp = plane_p.astype(np.float32)[cell]
-    height = ((xyz - pp) * pn).sum(axis=1) / pn[:, 2]
+    height = z - (pa.astype(np.float32)[cell] * x + pb.astype(np.float32)[cell] * y
+                  + pc.astype(np.float32)[cell])
     out[:] = height <= cfg.height_threshold
     return out
 
