@@ -161,6 +161,22 @@ def test_odometry_ego_compensation_static_scene(backend):
         pipe.step(p1, 200_000_000, None)
 
 
+def test_lidar_odometry_recovers_known_motion(backend):
+    """ego_motion='lidar' (KISS-ICP, core/odometry.py): a real sweep moved by a known motion."""
+    pytest.importorskip('kiss_icp')
+    true = geometry.yaw_transform(np.deg2rad(2.0), (1.0, 0.1, 0.0))  # ego1_T_ego0
+    p0 = kitti(0, 60000)
+    p1 = geometry.transform_points(true, p0.astype(np.float64)).astype(np.float32)
+    pipe = Pipeline(PipelineConfig(ego_motion='lidar', ground_removal='none'), backend=backend)
+    pipe.step(p0, 0)
+    frame = pipe.step(p1, 100_000_000)
+    err = geometry.invert(true) @ frame.ego1_T_ego0
+    assert np.linalg.norm(err[:3, 3]) < 0.05
+    assert np.degrees(np.arccos(np.clip((np.trace(err[:3, :3]) - 1) / 2, -1, 1))) < 0.2
+    pipe.step(p1, 50_000_000)  # time went backwards: new pair and a fresh odometry map
+    assert pipe.last_reset_reason == 'stamp_backwards'
+
+
 def test_no_ego_motion_feeds_raw_clouds(backend):
     rec = Recorder(backend)
     pipe = Pipeline(PipelineConfig(ego_motion='none', ground_removal='none'), backend=rec)
