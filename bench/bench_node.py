@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                 run = {'points': n, 'steady': steady, 'overload_2x': overload}
                 results['runs'].append(run)
                 for name, r in (('steady', steady), ('overload', overload)):
-                    print(f'{n:>7} pts {name:>8} @{r["input_hz"]:5.1f} Hz: latency p50 {r["latency_ms_p50"]} ms '
+                    print(f'{n:>7} pts {name:>8} @{r["input_hz"]:5.1f} Hz: '
+                          f'latency p50 {r["latency_ms_p50"]} ms '
                           f'p99 {r["latency_ms_p99"]} max {r["latency_ms_max"]} ms, out {r["output_hz"]} Hz, '
                           f'dropped {r["dropped_stale"]}/{r["received"]}, stages p50 {r["stages_ms_p50"]}')
         finally:
