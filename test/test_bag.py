@@ -80,6 +80,11 @@ def test_kitti_sequence_to_mcap(tmp_path):
         assert c.stamp_ns == 10**9 + k * 100_000_000
         counts.append(len(c.cloud))
     assert counts[0] == 114_278 and counts[9] == 113_593  # SOURCES.md
+    # No poses in the bag: KISS-ICP estimates the ego motion (about 0.2 m forward per frame).
+    from zeroflow_ros.core.odometry import OdometryConfig
+    pairs = zbag.iter_bag_pairs(bag_dir, '/lidar', lidar_odometry=OdometryConfig(max_num_threads=1))
+    fwd = [-p.ego1_T_ego0[0, 3] for _, p in zip(range(2), pairs)]
+    assert all(0.12 < f < 0.32 for f in fwd), fwd
 
 
 def _ref_lzf(src: bytes, out_len: int) -> bytes:

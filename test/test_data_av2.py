@@ -209,3 +209,17 @@ def test_bad_lidar_files(tmp_path):
         zav2.AV2Log(log.log_dir).timestamps
     with pytest.raises(zav2.DataError, match='split folder not found'):
         zav2.list_logs(tmp_path, 'nope')
+
+
+def test_bad_annotations(tmp_path):
+    log = _pose_log(tmp_path, [1, 2])
+    feather.write_feather(pa.table({'timestamp_ns': np.array([1], np.int64), 'track_uuid': ['a']}),
+                          log.log_dir / 'annotations.feather')
+    with pytest.raises(zav2.DataError, match=r"annotations\.feather: missing columns \['category', "):
+        log.cuboids(1)
+    bad = {c: np.array([1.0]) for c in zav2.CUBOID_COLUMNS}
+    bad.update(timestamp_ns=np.array([1], np.int64), track_uuid=['a'], category=['UFO'])
+    feather.write_feather(pa.table(bad), log.log_dir / 'annotations.feather')
+    log = zav2.AV2Log(log.log_dir)
+    with pytest.raises(zav2.DataError, match="unknown category 'UFO'"):
+        zav2.flow_from_cuboids(np.zeros((3, 3), np.float32), np.eye(4), log.cuboids(1), log.cuboids(2))

@@ -8,6 +8,7 @@ message's point order). Times are header stamps. With odometry, ``ego1_T_ego0`` 
 ``inv(world_T_ego(t1)) @ world_T_ego(t0)``, the odometry pose interpolated at each cloud stamp
 (linear translation, slerp rotation); it assumes the odometry's ``child_frame_id`` is the cloud's
 frame (a mismatch is logged once). Stamps outside the odometry's time span (beyond 50 ms) give None.
+Without an odometry topic, KISS-ICP can estimate it (``lidar_odometry``), else it is None.
 
 Writing (:func:`write_bag`, ``zeroflow data to-bag``): clouds as FLOAT32 x, y, z plus extra fields
 (intensity FLOAT32), odometry from known poses (``header.frame_id`` = the world/odom frame,
@@ -324,9 +325,19 @@ class BagPair(Pair):
     cloud1: Any = None
 
 
-def iter_bag_pairs(path: Path, topic: str, odom_topic: str | None = None) -> Iterator[BagPair]:
-    """Consecutive cloud pairs of a bag; ``ego1_T_ego0`` from odometry when given and covering both stamps."""
+def iter_bag_pairs(path: Path, topic: str, odom_topic: str | None = None,
+                   lidar_odometry: Any = None) -> Iterator[BagPair]:
+    """Consecutive cloud pairs of a bag.
+
+    ``ego1_T_ego0`` comes from the ``odom_topic`` odometry when given and covering both stamps;
+    else, with ``lidar_odometry`` (an :class:`~zeroflow_ros.core.odometry.OdometryConfig`, or True
+    for its defaults), from KISS-ICP run over the clouds in order; else it is None.
+    """
     odom = read_odometry(path, odom_topic) if odom_topic else None
+    icp = None
+    if odom is None and lidar_odometry:
+        from zeroflow_ros.core.odometry import LidarOdometry, OdometryConfig
+        icp = LidarOdometry(lidar_odometry if isinstance(lidar_odometry, OdometryConfig) else None)
     warned = False
     prev: BagCloud | None = None
     for bc in iter_clouds(path, topic):
@@ -336,12 +347,16 @@ def iter_bag_pairs(path: Path, topic: str, odom_topic: str | None = None) -> Ite
                            'taken as that of the cloud frame (no TF lookup)', path, odom.child_frame_id,
                            bc.cloud.frame_id)
             warned = True
+        if icp is not None:
+            icp.register(bc.cloud.xyz, bc.stamp_ns)
         if prev is not None:
             T = None
             if odom is not None:
                 w0, w1 = odom.at(prev.stamp_ns), odom.at(bc.stamp_ns)
                 if w0 is not None and w1 is not None:
                     T = invert(w1) @ w0
+            elif icp is not None:
+                T = icp.last_motion()
             yield BagPair(Path(path).stem, prev.stamp_ns, bc.stamp_ns, prev.cloud.xyz, bc.cloud.xyz, T,
                           None, None, None, prev.cloud, bc.cloud)
         prev = bc
