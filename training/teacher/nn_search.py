@@ -21,9 +21,10 @@ import math
 import numpy as np
 import torch
 
-# Bytes of the (K, chunk, Q) distance block in the brute-force search; keeps peak memory bounded
-# on both a laptop CPU and a GPU shared by several worker processes.
-_BRUTE_BLOCK_BYTES = 256 * 2**20
+# Bytes of the (K, chunk, Q) distance block in the brute-force search: bounded peak memory on a
+# laptop CPU, and few large launches on a GPU (still small next to its memory when 2-4 label
+# workers share it).
+_BRUTE_BLOCK_BYTES = {'cpu': 64 * 2**20, 'cuda': 1024 * 2**20}
 
 
 class NNSearchError(ValueError):
@@ -46,7 +47,8 @@ def nn_brute(query: torch.Tensor, qmask: torch.Tensor, target: torch.Tensor, tma
     _check(query, qmask, target, tmask)
     K, P, _ = query.shape
     Q = target.shape[1]
-    chunk = max(1, min(P, _BRUTE_BLOCK_BYTES // max(1, 4 * K * Q)))
+    block = _BRUTE_BLOCK_BYTES.get(query.device.type, _BRUTE_BLOCK_BYTES['cpu'])
+    chunk = max(1, min(P, block // max(1, 4 * K * Q)))
     out = torch.empty((K, P), dtype=torch.long, device=query.device)
     big = torch.finfo(query.dtype).max
     pad = (~tmask)[:, None, :]
