@@ -136,7 +136,8 @@ def test_params_file_matches_declared_parameters(declared):
     doc = yaml.safe_load(PARAMS.read_text())
     assert list(doc) == ['/**'] and list(doc['/**']) == ['ros__parameters']
     values = doc['/**']['ros__parameters']
-    names = {n for n in declared if not n.startswith('__')} - AUTO_PARAMS
+    names = {n for n in declared if not n.startswith(('__', 'qos_overrides.'))} - AUTO_PARAMS
+    assert any(n.startswith('qos_overrides./zeroflow_node/output/flow.publisher.') for n in declared)
     assert set(values) == names, (set(values) ^ names)
     for k, v in values.items():
         got = declared[k][0]

@@ -39,6 +39,7 @@ from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescr
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos_overriding_options import QoSOverridingOptions
 
 from zeroflow_ros import pipeline as pl
 from zeroflow_ros import visualization as vis
@@ -191,6 +192,10 @@ class ZeroFlowNode(Node):
 
     def __init__(self, node_name: str = NODE_NAME, *, backend: Any = None, **kwargs: Any):
         super().__init__(node_name, **kwargs)
+        # Set first: rclpy destroys a half-built node at shutdown if the constructor raises.
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._worker: threading.Thread | None = None
         for p in PARAMS:
             self.declare_parameter(p.name, p.default, _descriptor(p))
         self._check_choices()
@@ -204,8 +209,6 @@ class ZeroFlowNode(Node):
         self.stats = NodeStats()
         self._lock = threading.Lock()
         self._slot: tuple[Any, float] | None = None
-        self._wake = threading.Event()
-        self._stop = threading.Event()
         self._warn_times: dict[str, float] = {}
         self._started = time.monotonic()
 
@@ -214,9 +217,12 @@ class ZeroFlowNode(Node):
         base_T_sensor[:3, 3] = v['sensor_in_base_xyz']
         self.poses = pl.PoseBuffer(base_T_sensor=base_T_sensor)
 
+        # Reliable depth 1 by default; a deployment may change it from YAML
+        # (qos_overrides./<node>/output/flow.publisher.{reliability,depth,history}).
         self._flow_pub = self.create_publisher(
             _msgs().PointCloud2, '~/output/flow',
-            QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST))
+            QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST),
+            qos_overriding_options=QoSOverridingOptions.with_default_policies())
         self._marker_pub = self.create_publisher(
             _msgs().Marker, '~/output/flow_markers',
             QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST))
@@ -562,7 +568,7 @@ class ZeroFlowNode(Node):
     def destroy_node(self) -> None:
         self._stop.set()
         self._wake.set()
-        if self._worker.is_alive():
+        if self._worker is not None and self._worker.is_alive():
             self._worker.join(timeout=5.0)
         super().destroy_node()
 
@@ -607,7 +613,7 @@ def spin_node(ros_args: list[str]) -> int:
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
-    except pl.PipelineError as exc:
+    except ValueError as exc:  # PipelineError, BackendError, ManifestError: bad parameters or model
         logging.getLogger(NODE_NAME).error('zeroflow_node cannot start: %s', exc)
         return 1
     finally:
