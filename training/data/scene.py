@@ -70,13 +70,17 @@ class SpeedProfile:
 
     def arc_length(self, times: np.ndarray, horizon: float) -> np.ndarray:
         tf = np.arange(0.0, horizon + 2 * DT_FINE, DT_FINE)
-        acc = np.zeros_like(tf)
-        for t0, a in self.phases:
-            acc[tf >= t0] = a
         v = np.empty_like(tf)
-        v[0] = self.v0
-        for i in range(1, len(tf)):     # sequential clip: a stopped vehicle stays stopped
-            v[i] = min(max(v[i - 1] + acc[i - 1] * DT_FINE, 0.0), self.v_max)
+        starts = [0.0] + [max(t0, 0.0) for t0, _ in self.phases]
+        accs = [0.0] + [a for _, a in self.phases]
+        v_start = min(max(self.v0, 0.0), self.v_max)
+        for i, (t0, a) in enumerate(zip(starts, accs)):
+            t1 = starts[i + 1] if i + 1 < len(starts) else np.inf
+            sel = (tf >= t0) & (tf < t1)
+            # constant acceleration within a phase: the speed is monotone, so clipping it is exact
+            v[sel] = np.clip(v_start + a * (tf[sel] - t0), 0.0, self.v_max)
+            if np.isfinite(t1):
+                v_start = float(np.clip(v_start + a * (t1 - t0), 0.0, self.v_max))
         s = np.concatenate([[0.0], np.cumsum(0.5 * (v[1:] + v[:-1]) * DT_FINE)])
         return np.interp(times, tf, s)
 
@@ -228,6 +232,8 @@ class Scene:
     bounds: tuple[float, float, float, float]   # xmin, ymin, xmax, ymax of the generated area
     building_footprints: list[tuple[np.ndarray, np.ndarray, float]] = field(default_factory=list)
     crosswalks: list[np.ndarray] = field(default_factory=list)
+    obstacles: list[tuple[float, float, float]] = field(default_factory=list)   # trunks, poles: x, y, r
+    removed_agents: int = 0                 # moving agents dropped because they would collide
 
     def ego_xy_yaw(self, times: np.ndarray):
         return self.ego_path.pose(self.ego_s0 + self.ego_profile.arc_length(times, self.duration))
@@ -364,7 +370,79 @@ def generate_scene(seed: int, duration: float, max_range: float, cfg: SceneConfi
                   profile, back, mode, T, bounds)
     _build_static_world(scene, rng, xs, ys, v_roads, h_roads, cfg, in_bounds)
     _build_agents(scene, rng, xs, ys, v_roads, h_roads, cfg, in_bounds, ego_lane, times, ex, ey)
+    _remove_collisions(scene, times)
     return scene
+
+
+EGO_LENGTH, EGO_WIDTH, EGO_REAR_OVERHANG = 4.9, 2.0, 1.0
+
+
+def _footprint(agent: Agent) -> tuple[np.ndarray, np.ndarray]:
+    """(centre offset in the agent frame, half extents) of a rectangle covering all its cuboids."""
+    lo = np.min([t.offset[:2] - t.dims[:2] / 2 for t in agent.tracks], axis=0)
+    hi = np.max([t.offset[:2] + t.dims[:2] / 2 for t in agent.tracks], axis=0)
+    return (lo + hi) / 2, (hi - lo) / 2
+
+
+def _rects_overlap(c1, y1, h1, c2, y2, h2) -> np.ndarray:
+    """Separating-axis test of oriented rectangles, vectorised over time (c: (T,2), y: (T,))."""
+    def axes(y):
+        return np.stack([np.cos(y), np.sin(y)], -1), np.stack([-np.sin(y), np.cos(y)], -1)
+    a1, b1 = axes(y1)
+    a2, b2 = axes(y2)
+    d = c2 - c1
+    sep = np.zeros(len(d), dtype=bool)
+    for ax in (a1, b1, a2, b2):
+        r1 = h1[0] * np.abs(np.sum(a1 * ax, -1)) + h1[1] * np.abs(np.sum(b1 * ax, -1))
+        r2 = h2[0] * np.abs(np.sum(a2 * ax, -1)) + h2[1] * np.abs(np.sum(b2 * ax, -1))
+        sep |= np.abs(np.sum(d * ax, -1)) > r1 + r2
+    return ~sep
+
+
+def _remove_collisions(scene: Scene, times: np.ndarray, margin: float = 0.25) -> None:
+    """Drop moving agents whose footprint would overlap the ego, a kept agent or a trunk/pole.
+
+    Static agents are kept as they are; moving ones are accepted greedily in creation order (the
+    ego's own platoon first), so traffic never drives through anything at any sweep.
+    """
+    T = scene.duration
+    ex, ey, eyaw = scene.ego_xy_yaw(times)
+    off = EGO_LENGTH / 2 - EGO_REAR_OVERHANG
+    ego = (np.stack([ex + off * np.cos(eyaw), ey + off * np.sin(eyaw)], -1), eyaw,
+           np.array([EGO_LENGTH / 2, EGO_WIDTH / 2]) + margin)
+    n = len(scene.agents) + 1
+    kc = np.zeros((n, len(times), 2))
+    kyaw = np.zeros((n, len(times)))
+    kh = np.zeros((n, 2))
+    kc[0], kyaw[0], kh[0] = ego
+    k = 1
+    obstacles = np.array(scene.obstacles).reshape(-1, 3)
+    out = []
+    for agent in scene.agents:
+        x, y, yaw = agent.poses(times, T)
+        co, half = _footprint(agent)
+        c = np.stack([x + np.cos(yaw) * co[0] - np.sin(yaw) * co[1],
+                      y + np.sin(yaw) * co[0] + np.cos(yaw) * co[1]], -1)
+        half = half + margin
+        if agent.profile is not None:
+            radius = float(np.hypot(*half))
+            close = np.linalg.norm(kc[:k] - c[None], axis=-1) <= radius + np.hypot(kh[:k, 0], kh[:k, 1])[:, None]
+            hit = False
+            for j in np.flatnonzero(close.any(axis=1)):
+                m = close[j]
+                if _rects_overlap(c[m], yaw[m], half, kc[j, m], kyaw[j, m], kh[j]).any():
+                    hit = True
+                    break
+            if not hit and len(obstacles):
+                dist = np.linalg.norm(c[:, None, :] - obstacles[None, :, :2], axis=-1)
+                hit = bool((dist <= radius + obstacles[None, :, 2]).any())
+            if hit:
+                scene.removed_agents += 1
+                continue
+        kc[k], kyaw[k], kh[k] = c, yaw, half
+        k += 1
+        out.append(agent)
+    scene.agents = out
 
 
 def _blocks(xs, ys, v_roads, h_roads):
@@ -479,8 +557,9 @@ def _build_static_world(scene: Scene, rng, xs, ys, v_roads, h_roads, cfg: SceneC
                 c = p0 + u * s + out * rng.uniform(0.6, 1.0)
                 z = h(c[0], c[1])
                 trunk_h = rng.uniform(2.0, 3.5)
-                P.add_cylinder((c[0], c[1], z + trunk_h / 2 - 0.2), rng.uniform(0.12, 0.25), trunk_h / 2 + 0.2,
-                               reflectivity=0.3)
+                r_trunk = rng.uniform(0.12, 0.25)
+                P.add_cylinder((c[0], c[1], z + trunk_h / 2 - 0.2), r_trunk, trunk_h / 2 + 0.2, reflectivity=0.3)
+                scene.obstacles.append((float(c[0]), float(c[1]), float(r_trunk)))
                 rad = rng.uniform(1.4, 3.0)
                 for _ in range(int(rng.integers(8, 16))):
                     off = rng.normal(size=3)
@@ -494,7 +573,9 @@ def _build_static_world(scene: Scene, rng, xs, ys, v_roads, h_roads, cfg: SceneC
             c = p0 + u * s + out * 0.35
             z = h(c[0], c[1])
             ph = rng.uniform(6.0, 9.0)
-            P.add_cylinder((c[0], c[1], z + ph / 2 - 0.1), rng.uniform(0.08, 0.15), ph / 2 + 0.1, reflectivity=0.5)
+            r_pole = rng.uniform(0.08, 0.15)
+            P.add_cylinder((c[0], c[1], z + ph / 2 - 0.1), r_pole, ph / 2 + 0.1, reflectivity=0.5)
+            scene.obstacles.append((float(c[0]), float(c[1]), float(r_pole)))
             arm = -out * 1.2
             P.add_box((c[0] + arm[0], c[1] + arm[1], z + ph - 0.1), (abs(arm[0]) + 0.08, abs(arm[1]) + 0.08, 0.08),
                       0.0, reflectivity=0.5)

@@ -369,7 +369,8 @@ def simulate_log(seed: int, sweeps: int, lidar: LidarConfig | None = None,
             ann_rows.append((int(stamps[k]), trk.uuid, trk.category, float(trk.dims[0]), float(trk.dims[1]),
                              float(trk.dims[2]), *map(float, q), *map(float, tvec), n_in))
     ann = pd.DataFrame(ann_rows, columns=list(ANNOTATION_COLUMNS))
-    ann = ann.astype({'timestamp_ns': 'int64', 'num_interior_pts': 'int64'})
+    ann = ann.astype({c: ('int64' if c in ('timestamp_ns', 'num_interior_pts') else
+                          str if c in ('track_uuid', 'category') else 'float64') for c in ANNOTATION_COLUMNS})
     out = SynthLog(log_id_for_seed(seed), seed, scene, stamps, poses, out_sweeps, ann)
     if with_flow:
         out.flows = compute_flows(out)
