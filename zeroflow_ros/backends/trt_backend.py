@@ -109,6 +109,13 @@ def _trt():
     return trt
 
 
+def _init_plugins(trt: Any, logger: Any) -> None:
+    # ScatterElements with reduction='add' (the pillar scatter-mean) is a TensorRT plugin, not a
+    # core layer: the plugin registry must be filled before parsing and before deserializing.
+    if hasattr(trt, 'init_libnvinfer_plugins'):
+        trt.init_libnvinfer_plugins(logger, '')
+
+
 def _trt_dtype_name(trt: Any, dtype: Any) -> str:
     table = {trt.float32: 'float32', trt.float16: 'float16', trt.int32: 'int32', trt.bool: 'bool'}
     if hasattr(trt, 'int64'):
@@ -123,6 +130,7 @@ def build_engine(onnx_path: Path, out_path: Path, manifest: Manifest, precision:
     points = points or manifest.points
     t0 = time.perf_counter()
     logger = trt.Logger(trt.Logger.WARNING)
+    _init_plugins(trt, logger)
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # explicit batch is the only mode from TensorRT 10 on
     parser = trt.OnnxParser(network, logger)
@@ -183,6 +191,7 @@ class TrtBackend(Backend):
         else:
             self.engine_path = engine_path_for(manifest, precision, trt.__version__, self.gpu_name, cache_dir)
         self._logger = trt.Logger(trt.Logger.WARNING)
+        _init_plugins(trt, self._logger)
         self._runtime = trt.Runtime(self._logger)
 
         def build(tmp: Path) -> None:
