@@ -179,3 +179,20 @@ def test_cli_export_random(tmp_path, capsys):
     assert m.checkpoint_path == tmp_path / 'm' / 'model.pt'
     with pytest.raises(ExportError, match='--points'):
         main(['export', 'onnx', '--random', 'cpu_small', '-o', str(tmp_path / 'x.onnx'), '--points', 'a,b'])
+
+
+def test_cli_tensorrt_reports_missing_gpu_or_tensorrt(tiny_export, capsys):
+    from zeroflow_ros.cli import main
+
+    d, _ = tiny_export
+    try:
+        import tensorrt  # noqa: F401
+        has_trt = torch.cuda.is_available()
+    except ImportError:
+        has_trt = False
+    if has_trt:
+        pytest.skip('TensorRT and a GPU are present: the GPU tests in test_backends cover the build')
+    rc = main(['export', 'tensorrt', str(d / 'model.onnx'), '--build-only'])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert 'tensorrt' in err and ('not installed' in err or 'CUDA' in err)

@@ -15,6 +15,7 @@ import argparse
 import datetime as dt
 import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -278,6 +279,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_tensorrt(args: argparse.Namespace) -> int:
+    from zeroflow_ros.backends import BackendError
+
+    try:
+        return _build_tensorrt(args)
+    except BackendError as exc:
+        print(f'zeroflow export tensorrt: {exc}', file=sys.stderr)
+        return 1
+
+
+def _build_tensorrt(args: argparse.Namespace) -> int:
     from zeroflow_ros.backends import create_backend
 
     path = Path(args.onnx)
