@@ -339,6 +339,9 @@ def train(cfg: TrainConfig, data_root: Path, labels: Path | None, run_dir: Path,
     if val_split and not val_ok and dist.main:
         log.warning('no validation split %s: training without validation', Path(data_root) / val_split)
 
+    if dev.type == 'cuda':
+        # the pseudo-image has a fixed size per config, so cuDNN's autotuned kernels are reused
+        torch.backends.cudnn.benchmark = True
     model = FastFlow3D(model_cfg).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / dist.world) / cfg.batch_size)
@@ -474,6 +477,7 @@ def train(cfg: TrainConfig, data_root: Path, labels: Path | None, run_dir: Path,
     if dist.world > 1:
         import torch.distributed as td
         td.barrier()
+        td.destroy_process_group()
     return {'step': step, 'stopped': stopped, 'epoch_seconds': epoch_times, 'val': last_val,
             'run_dir': str(run_dir)}
 
@@ -595,6 +599,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if summary['stopped'] not in (None, 'max_steps'):
         return 130
+    if int(os.environ.get('RANK', '0')) != 0:
+        return 0
     ep = summary['epoch_seconds']
     print(f'run folder: {summary["run_dir"]}  steps: {summary["step"]}'
           + (f'  mean epoch: {np.mean(ep):.1f} s' if ep else ''))

@@ -175,9 +175,10 @@ class PillarEncoder(nn.Module):
         feats = torch.cat([pts, pts - mean, offset], dim=1)
         emb = F.relu(self.norm(self.linear(feats)))
         c = emb.shape[1]
-        pillars = torch.zeros(num, c, dtype=emb.dtype, device=emb.device).scatter_add(
-            0, idx.unsqueeze(1).expand(k, c), emb)
-        pillars = pillars / denom.to(emb.dtype)
+        # sum in float32 even under bf16/fp16 autocast: a pillar can hold hundreds of points
+        pillars = torch.zeros(num, c, dtype=pts.dtype, device=emb.device).scatter_add(
+            0, idx.unsqueeze(1).expand(k, c), emb.to(pts.dtype))
+        pillars = pillars / denom
         image = pillars.view(batch_size, self.H, self.W, c).permute(0, 3, 1, 2)
         return emb, offset, image
 
