@@ -100,6 +100,35 @@ def run_phase(node, pub, clouds, rate_hz: float, count: int, stamp0: int, debug:
     }
 
 
+def pipeline_only(a: argparse.Namespace, model: str) -> dict:
+    """Per-frame cost of Pipeline.step alone (no DDS, no codec): runs where rclpy is missing (GPU boxes)."""
+    from zeroflow_ros.backends import create_backend
+    from zeroflow_ros.pipeline import Pipeline, PipelineConfig
+
+    backend = create_backend(model, backend=a.backend, device=a.device, precision=a.precision)
+    b = backend.describe()
+    out = {'mode': 'pipeline-only', 'backend': f"{b.get('backend')}/{b.get('device')}/{b.get('precision')}",
+           'grid': b.get('grid', {}).get('shape'), 'ego_motion': a.ego_motion, 'runs': []}
+    for n in [int(x) for x in a.points.split(',')]:
+        clouds = sweeps(n)
+        pipe = Pipeline(PipelineConfig(ego_motion=a.ego_motion, max_sweep_gap_s=10.0), backend=backend)
+        times: dict[str, list] = {k: [] for k in ('preprocess', 'inference', 'postprocess', 'total')}
+        for i in range(5 + a.count):
+            k = i % (2 * len(clouds) - 2)
+            cloud = clouds[k if k < len(clouds) else 2 * len(clouds) - 2 - k]
+            frame = pipe.step(cloud, (i + 1) * 100_000_000)
+            if frame is not None and i >= 5:
+                for key in times:
+                    times[key].append(frame.timings_ms[key])
+        run = {'points': n, **{f'{k}_ms_p50': pct(v, 50) for k, v in times.items()},
+               'total_ms_p99': pct(times['total'], 99)}
+        out['runs'].append(run)
+        print(f"{n:>7} pts: total p50 {run['total_ms_p50']} ms p99 {run['total_ms_p99']} ms "
+              f"(pre {run['preprocess_ms_p50']}, inference {run['inference_ms_p50']}, "
+              f"post {run['postprocess_ms_p50']})")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--points', default='60000,100000')
@@ -111,8 +140,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument('--rate', type=float, default=10.0)
     ap.add_argument('--count', type=int, default=40, help='clouds per steady phase')
     ap.add_argument('--overload-count', type=int, default=30)
+    ap.add_argument('--device', default='auto', help='--pipeline-only: backend device')
+    ap.add_argument('--precision', default='fp32', help='--pipeline-only: backend precision')
+    ap.add_argument('--pipeline-only', action='store_true',
+                    help='time Pipeline.step without ROS (e.g. on a GPU machine without rclpy)')
     ap.add_argument('--json', default=None)
     a = ap.parse_args(argv)
+    if a.pipeline_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            model = a.model or str(random_model(a.config, Path(tmp), onnx=not a.no_onnx))
+            res = pipeline_only(a, model)
+        res['model'] = a.model or f'random-init {a.config}'
+        res['machine'] = {'cpu_count': os.cpu_count(), 'load_avg_1min': os.getloadavg()[0]}
+        print(json.dumps(res, indent=1))
+        if a.json:
+            Path(a.json).write_text(json.dumps(res, indent=1))
+        return 0
 
     os.environ.pop('_ROS_WHEELS_BOOTSTRAP_COMPLETE', None)
     import rclpy
