@@ -332,6 +332,14 @@ def test_cli_writes_splits_and_resumes(tmp_path: Path, capsys):
     assert _files(tmp_path / 'ds') == before
     with pytest.raises(synth.SynthError, match='--sweeps'):
         run_synth(p.parse_args(argv[:1] + ['--sweeps', '1']))
+    with pytest.raises(synth.SynthError, match='--elevations'):
+        run_synth(p.parse_args(argv[:1] + ['--elevations', '1,x']))
+    # explicit beam angles reach the sensor model
+    assert run_synth(p.parse_args([str(tmp_path / 'el'), '--sequences', '1', '--sweeps', '2', '--azimuths', '200',
+                                   '--elevations=-20,-10,-5,-2'])) == 0
+    lid = next((tmp_path / 'el' / 'train').iterdir()) / 'sensors' / 'lidar'
+    laser = pd.read_feather(sorted(lid.iterdir())[0])['laser_number'].to_numpy()
+    assert set(np.unique(laser)) <= {0, 1, 2, 3} and len(np.unique(laser)) >= 3
 
 
 @pytest.mark.parametrize('kw, match', [

@@ -29,6 +29,8 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--workers', type=int, default=1, help='processes, one log each (default 1)')
     parser.add_argument('--beams', type=int, default=32, help='lidar beams (VLP-32C angle profile; default 32)')
     parser.add_argument('--azimuths', type=int, default=1800, help='columns per revolution (default 1800)')
+    parser.add_argument('--elevations', type=str, default=None, metavar='DEG,DEG,...',
+                        help='explicit vertical beam angles in degrees, e.g. --elevations=-15,-5,0,5 (count sets --beams)')
     parser.add_argument('--max-range', type=float, default=100.0, help='lidar max range in m (default 100)')
     parser.add_argument('--range-noise', type=float, default=0.02, help='range noise sigma in m (default 0.02)')
     parser.add_argument('--dropout', type=float, default=0.02, help='base return dropout probability (default 0.02)')
@@ -64,7 +66,17 @@ def run_synth(args: argparse.Namespace) -> int:
         raise SynthError(f'--workers: expected >= 1, got {args.workers}')
     if args.sweeps < 2:
         raise SynthError(f'--sweeps: expected >= 2 (flow needs pairs), got {args.sweeps}')
-    lidar = LidarConfig(beams=args.beams, azimuths=args.azimuths, max_range_m=args.max_range,
+    elevations = None
+    beams = args.beams
+    if args.elevations:
+        try:
+            elevations = tuple(float(v) for v in args.elevations.split(','))
+        except ValueError:
+            raise SynthError(f'--elevations: expected comma-separated degrees, got {args.elevations!r}') from None
+        if any(not -90.0 < e < 90.0 for e in elevations):
+            raise SynthError(f'--elevations: angles must lie in (-90, 90) degrees, got {args.elevations!r}')
+        beams = len(elevations)
+    lidar = LidarConfig(beams=beams, azimuths=args.azimuths, elevations_deg=elevations, max_range_m=args.max_range,
                         range_noise_m=args.range_noise, dropout=args.dropout)
     lidar.validate()
     out = Path(args.out)

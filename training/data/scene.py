@@ -265,9 +265,6 @@ def _ego_profile(rng: np.random.Generator, mode: str, T: float) -> SpeedProfile:
         v0 = rng.uniform(5.0, 14.0)
         phases = [(0.0, rng.uniform(-0.4, 0.4)), (rng.uniform(0.3, 0.7) * T, rng.uniform(-0.6, 0.6))]
         return SpeedProfile(v0, phases, v_max=16.0)
-    if mode == 'turn':
-        v0 = rng.uniform(3.5, 7.0)
-        return SpeedProfile(v0, [(0.0, rng.uniform(-0.8, 0.2)), (0.6 * T, rng.uniform(0.0, 1.2))], v_max=9.0)
     if mode == 'stop':
         a = rng.uniform(2.0, 4.0)
         t_stop = rng.uniform(0.3, 0.7) * T
@@ -330,16 +327,22 @@ def generate_scene(seed: int, duration: float, max_range: float, cfg: SceneConfi
     mode = str(rng.choice(names, p=np.array(probs) / sum(probs)))
     turn_side = int(rng.choice([-1, 1]))
     turn_radius = rng.uniform(6.0, 9.0) if turn_side < 0 else rng.uniform(9.0, 13.0)
-    profile = _ego_profile(rng, mode, T)
-    if mode == 'turn':      # lateral acceleration v^2 / R stays under ~3.5 m/s^2
-        profile.v0 = min(profile.v0, float(np.sqrt(3.5 * turn_radius)))
-        profile.v_max = max(profile.v0, float(np.sqrt(3.5 * turn_radius)))
+    if mode == 'turn':
+        # through the arc at constant speed with lateral acceleration v^2 / R <= 3.5 m/s^2, the
+        # arc starting within the first 40 % of the drive, then pull away on the new road
+        v_turn = min(rng.uniform(3.5, 7.0), float(np.sqrt(3.5 * turn_radius)))
+        arc_start = rng.uniform(0.0, 0.4) * v_turn * T
+        t_exit = (arc_start + np.pi * turn_radius / 2) / v_turn
+        profile = SpeedProfile(v_turn, [(0.0, 0.0)] + ([(t_exit, rng.uniform(1.0, 2.0))] if t_exit < T else []),
+                               v_max=13.0)
+    else:
+        profile = _ego_profile(rng, mode, T)
     travel = float(profile.arc_length(np.array([T]), T)[0])
 
     # the ego drives +x on the road y = 0; the first crossing road lies d_cross ahead
     if mode == 'turn':
-        # the arc starts within the first 40 % of the drive: corner = crossing +- lane offset
-        d_cross = rng.uniform(0.0, 0.4) * travel + turn_radius - turn_side * _lane_offset(0)
+        # corner of the two lane centre lines = crossing centre +- the lane offset
+        d_cross = arc_start + turn_radius - turn_side * _lane_offset(0)
     else:
         d_cross = rng.uniform(20.0, 70.0)
     reach = max_range + travel + 80.0

@@ -58,7 +58,7 @@ from .scene import Agent, Scene, SceneConfig, generate_scene
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 VAL_SEED_BASE = 1_000_000
 TIMESTAMP_BASE_NS = 315_000_000_000_000_000
 SWEEP_PERIOD_NS = 100_000_000
