@@ -306,7 +306,17 @@ def _setup(root: Path, ground_fn) -> Path:
     masks = _av2_annotations(root / 'data', 'val', root / 'anno', ground_fn)
     for m in ('ego', 'zero', 'nn'):
         _masked_predictions(root / m, masks, root / f'{m}_masked')
+    _write_mask_zip(root / 'masks.zip', masks)
     return root
+
+
+def _write_mask_zip(path: Path, masks: dict[str, np.ndarray]) -> None:
+    """A mask archive as av2's make_mask_files writes it: one bool column 'mask' per sweep."""
+    with zipfile.ZipFile(path, 'w') as zf:
+        for name, m in masks.items():
+            buf = io.BytesIO()
+            pd.DataFrame({'mask': m.astype(bool)}).to_feather(buf)
+            zf.writestr(name, buf.getvalue())
 
 
 @pytest.fixture(scope='module')
@@ -444,3 +454,28 @@ def test_submission_zip_scores_like_av2_evaluate_zip(synth, tmp_path):
         warnings.simplefilter('ignore')
         ref = av2.eval.results_to_dict(av2.eval.evaluate_zip(synth / 'anno', archive))
     assert_same(evaluate(archive, synth / 'data', 'val').threeway, ref)
+
+
+def test_official_masks_and_workers(synth, tmp_path):
+    """--masks scores exactly the archive's sweeps on its masks; --workers changes nothing."""
+    from zeroflow_ros.eval.evaluate import EvalError, evaluate
+    ref = av2_results(synth / 'anno', synth / 'nn_masked')
+    one = evaluate(synth / 'nn', synth / 'data', 'val', masks=synth / 'masks.zip')
+    assert_same(one.threeway, ref)
+    two = evaluate(synth / 'nn', synth / 'data', 'val', masks=synth / 'masks.zip', workers=2)
+    assert_same(two.threeway, one.threeway)
+    assert two.num_points == one.num_points
+    np.testing.assert_array_equal(two.bucketed.count, one.bucketed.count)
+    np.testing.assert_allclose(two.bucketed.epe, one.bucketed.epe, rtol=1e-12)
+    # A one-sweep archive scores one pair; a mask of the wrong length is named.
+    with zipfile.ZipFile(synth / 'masks.zip') as zf:
+        name = sorted(zf.namelist())[0]
+        data = zf.read(name)
+    _write_mask_zip(tmp_path / 'one.zip', {name: pd.read_feather(io.BytesIO(data))['mask'].to_numpy()})
+    assert evaluate(synth / 'nn', synth / 'data', 'val', masks=tmp_path / 'one.zip').num_pairs == 1
+    _write_mask_zip(tmp_path / 'short.zip', {name: np.ones(5, bool)})
+    with pytest.raises(EvalError, match=f'mask {name}: 5 rows'):
+        evaluate(synth / 'nn', synth / 'data', 'val', masks=tmp_path / 'short.zip')
+    _write_mask_zip(tmp_path / 'other.zip', {'no-such-log/1.feather': np.ones(5, bool)})
+    with pytest.raises(EvalError, match='no log no-such-log'):
+        evaluate(synth / 'nn', synth / 'data', 'val', masks=tmp_path / 'other.zip')

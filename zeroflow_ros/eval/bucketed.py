@@ -163,6 +163,14 @@ class BucketedAccumulator:
             self._speed[di] += np.bincount(flat, weights=speed[sel], minlength=size).reshape(shape)
             self._count[di] += np.bincount(flat, minlength=size).reshape(shape)
 
+    def merge(self, other: 'BucketedAccumulator') -> None:
+        """Add another accumulator's sums (same buckets and thresholds), e.g. from a worker process."""
+        if not (np.array_equal(self.edges, other.edges) and self.distances == other.distances):
+            raise MetricsError('cannot merge bucketed accumulators with different buckets or thresholds')
+        self._epe += other._epe
+        self._speed += other._speed
+        self._count += other._count
+
     def result(self, distance: float = REPORTED_DISTANCE) -> BucketedResult:
         try:
             di = self.distances.index(float(distance))

@@ -36,8 +36,8 @@ import numpy as np
 
 from zeroflow_ros.core.geometry import av2_to_residual
 from zeroflow_ros.eval.bucketed import BucketedAccumulator, BucketedResult
-from zeroflow_ros.eval.metrics import (FLOW_METRICS, MetricsError, ThreeWayAccumulator, close_mask,
-                                       compute_example, eval_point_mask, official_gt_flow)
+from zeroflow_ros.eval.metrics import (FLOW_METRICS, ExampleRows, MetricsError, ThreeWayAccumulator,
+                                       close_mask, compute_example, eval_point_mask, official_gt_flow)
 
 log = logging.getLogger(__name__)
 
@@ -156,12 +156,59 @@ def _ground0(lg, points0: np.ndarray, ts0: int) -> np.ndarray:
     return g
 
 
-def iter_eval_pairs(data_root: Path, split: str, every: int = 1) -> Iterator[EvalPair]:
-    """Pairs of a split with their ground truth and evaluation mask."""
+@dataclass(frozen=True)
+class PairJob:
+    log_dir: str
+    ts0: int
+    ts1: int
+
+
+def mask_names(mask_zip: Path) -> list[str]:
+    """``<log_id>/<ts>.feather`` entries of an official AV2 mask archive."""
+    try:
+        with zipfile.ZipFile(mask_zip) as zf:
+            names = sorted(n for n in zf.namelist() if n.endswith('.feather'))
+    except FileNotFoundError:
+        raise EvalError(f'{mask_zip}: mask archive not found') from None
+    except zipfile.BadZipFile as exc:
+        raise EvalError(f'{mask_zip}: not a zip archive ({exc})') from None
+    if not names:
+        raise EvalError(f'{mask_zip}: no <log_id>/<ts>.feather mask files inside')
+    return names
+
+
+def read_mask(zf: zipfile.ZipFile, name: str) -> np.ndarray:
+    import pyarrow.feather as feather
+    try:
+        tab = feather.read_table(io.BytesIO(zf.read(name)))
+    except Exception as exc:  # pyarrow raises many types for corrupt files
+        raise EvalError(f'{zf.filename}:{name}: cannot read as feather ({exc})') from None
+    if tab.num_columns != 1:
+        raise EvalError(f'{zf.filename}:{name}: expected one bool mask column, got {tab.column_names}')
+    return tab.column(0).to_numpy(zero_copy_only=False).astype(bool)
+
+
+def list_eval_pairs(data_root: Path, split: str, every: int = 1,
+                    masks: list[str] | None = None) -> list[PairJob]:
+    """List the pairs to score: every ``every``-th of the split, or exactly those of a mask archive."""
     from zeroflow_ros.data.av2 import list_logs
     logs = list_logs(Path(data_root), split)
     if not logs:
         raise EvalError(f'{Path(data_root) / split}: no logs with sensors/lidar/ found')
+    jobs: list[PairJob] = []
+    if masks is not None:
+        by_id = {lg.log_id: lg for lg in logs}
+        for name in masks:
+            log_id, _, fname = name.rpartition('/')
+            lg = by_id.get(log_id)
+            if lg is None:
+                raise EvalError(f'mask entry {name}: no log {log_id} in {Path(data_root) / split}')
+            ts = lg.timestamps
+            i = np.searchsorted(ts, int(Path(fname).stem))
+            if i >= len(ts) - 1 or ts[i] != int(Path(fname).stem):
+                raise EvalError(f'mask entry {name}: no sweep with a successor at that time in {lg.log_dir}')
+            jobs.append(PairJob(str(lg.log_dir), int(ts[i]), int(ts[i + 1])))
+        return sorted(jobs, key=lambda j: (Path(j.log_dir).name, j.ts0))
     k = -1
     for lg in logs:
         ts = lg.timestamps
@@ -169,25 +216,41 @@ def iter_eval_pairs(data_root: Path, split: str, every: int = 1) -> Iterator[Eva
             # One counter over the whole split in (log_id, timestamp) order, as av2 get_eval_subset
             # takes every 5th pair of its SceneFlowDataloader.
             k += 1
-            if k % every:
-                continue
-            t0, t1 = int(t0), int(t1)
-            points0 = lg.points(t0)
-            gt = lg.gt_flow(t0)
-            if gt is None:
-                raise EvalError(f'{lg.log_dir}: no ground-truth flow for sweep {t0} '
-                                '(expected scene_flow/<ts>.feather or annotations)')
-            n = len(points0)
-            for name in ('is_valid', 'is_dynamic', 'category_indices'):
-                if getattr(gt, name).shape != (n,):
-                    raise EvalError(f'{lg.log_dir}: ground truth {name} of sweep {t0} has shape '
-                                    f'{getattr(gt, name).shape}, the sweep has {n} points')
-            if gt.flow.shape != (n, 3):
-                raise EvalError(f'{lg.log_dir}: ground-truth flow of sweep {t0} has shape {gt.flow.shape}, '
-                                f'expected ({n}, 3)')
-            mask = eval_point_mask(points0, _ground0(lg, points0, t0))
-            yield EvalPair(lg.log_id, t0, points0, lg.ego1_T_ego0(t0, t1), gt.flow, gt.is_valid,
-                           gt.is_dynamic, gt.category_indices, mask)
+            if k % every == 0:
+                jobs.append(PairJob(str(lg.log_dir), int(t0), int(t1)))
+    return jobs
+
+
+def load_eval_pair(job: PairJob, mask: np.ndarray | None = None) -> EvalPair:
+    """Points, ground truth and evaluation mask of one pair (``mask`` from an official archive, if given)."""
+    from zeroflow_ros.data.av2 import AV2Log
+    lg = AV2Log(Path(job.log_dir))
+    t0, t1 = job.ts0, job.ts1
+    points0 = lg.points(t0)
+    gt = lg.gt_flow(t0)
+    if gt is None:
+        raise EvalError(f'{lg.log_dir}: no ground-truth flow for sweep {t0} '
+                        '(expected scene_flow/<ts>.feather or annotations)')
+    n = len(points0)
+    for name in ('is_valid', 'is_dynamic', 'category_indices'):
+        if getattr(gt, name).shape != (n,):
+            raise EvalError(f'{lg.log_dir}: ground truth {name} of sweep {t0} has shape '
+                            f'{getattr(gt, name).shape}, the sweep has {n} points')
+    if gt.flow.shape != (n, 3):
+        raise EvalError(f'{lg.log_dir}: ground-truth flow of sweep {t0} has shape {gt.flow.shape}, '
+                        f'expected ({n}, 3)')
+    if mask is None:
+        mask = eval_point_mask(points0, _ground0(lg, points0, t0))
+    elif mask.shape != (n,):
+        raise EvalError(f'mask {lg.log_id}/{t0}.feather: {len(mask)} rows, the lidar sweep has {n} points')
+    return EvalPair(lg.log_id, t0, points0, lg.ego1_T_ego0(t0, t1), gt.flow, gt.is_valid,
+                    gt.is_dynamic, gt.category_indices, mask)
+
+
+def iter_eval_pairs(data_root: Path, split: str, every: int = 1) -> Iterator[EvalPair]:
+    """Pairs of a split with their ground truth and evaluation mask."""
+    for job in list_eval_pairs(data_root, split, every):
+        yield load_eval_pair(job)
 
 
 @dataclass
@@ -210,37 +273,88 @@ class EvalResult:
         }
 
 
-def evaluate(pred_dir: Path, data_root: Path, split: str, every: int = 1, progress=None) -> EvalResult:
-    """Score a prediction folder/archive against the ground truth of a split."""
-    src = PredictionSource(pred_dir)
+@dataclass
+class PairScore:
+    rows: ExampleRows
+    buckets: BucketedAccumulator
+    points: int
+
+
+def score_pair(p: EvalPair, src: PredictionSource) -> PairScore:
+    """Three-way rows and bucketed sums of one pair (its prediction read and checked first)."""
+    where = src.where(p.log_id, p.ts0)
+    flow, dyn = parse_prediction(src.read(p.log_id, p.ts0), where, len(p.points0), p.eval_mask)
+    m = p.eval_mask
+    buck = BucketedAccumulator()
+    try:
+        rows = compute_example(flow[m], dyn[m], official_gt_flow(p.gt_flow[m]), p.category_indices[m],
+                               p.is_dynamic[m], close_mask(p.points0[m]), p.is_valid[m])
+        sel = m & p.is_valid
+        pts = p.points0[sel]
+        buck.add(pts, av2_to_residual(pts, flow[sel], p.ego1_T_ego0),
+                 av2_to_residual(pts, p.gt_flow[sel], p.ego1_T_ego0), p.category_indices[sel])
+    except MetricsError as exc:
+        raise EvalError(f'{p.log_id}/{p.ts0} (prediction {where}): {exc}') from None
+    return PairScore(rows, buck, int(sel.sum()))
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(pred_dir: str, masks: str | None) -> None:
+    _WORKER['src'] = PredictionSource(Path(pred_dir))
+    _WORKER['masks'] = None if masks is None else zipfile.ZipFile(masks)
+
+
+def _close_worker() -> None:
+    for key in ('src', 'masks'):
+        obj = _WORKER.pop(key, None)
+        if obj is not None:
+            obj.close()
+
+
+def _score_job(job: PairJob) -> PairScore:
+    zf = _WORKER['masks']
+    mask = None if zf is None else read_mask(zf, f'{Path(job.log_dir).name}/{job.ts0}.feather')
+    return score_pair(load_eval_pair(job, mask), _WORKER['src'])
+
+
+def evaluate(pred_dir: Path, data_root: Path, split: str, every: int = 1, progress=None,
+             masks: Path | None = None, workers: int = 1) -> EvalResult:
+    """Score a prediction folder/archive against the ground truth of a split.
+
+    ``masks``: an official AV2 mask archive; then exactly its sweeps are scored, on its masks.
+    """
+    names = mask_names(masks) if masks is not None else None
+    jobs = list_eval_pairs(data_root, split, every, names)
+    if not jobs:
+        raise EvalError(f'{Path(data_root) / split}: no sweep pairs to evaluate')
+    PredictionSource(pred_dir).close()  # fail fast on a wrong path, before any worker starts
+    bar = progress or (lambda it, total: it)
     three = ThreeWayAccumulator()
     buck = BucketedAccumulator()
-    n_pairs = n_points = 0
-    pairs = iter_eval_pairs(data_root, split, every)
-    if progress is not None:
-        pairs = progress(pairs)
-    try:
-        for p in pairs:
-            where = src.where(p.log_id, p.ts0)
-            flow, dyn = parse_prediction(src.read(p.log_id, p.ts0), where, len(p.points0), p.eval_mask)
-            m = p.eval_mask
-            try:
-                three.add(compute_example(flow[m], dyn[m], official_gt_flow(p.gt_flow[m]),
-                                          p.category_indices[m], p.is_dynamic[m], close_mask(p.points0[m]),
-                                          p.is_valid[m]))
-                sel = m & p.is_valid
-                pts = p.points0[sel]
-                buck.add(pts, av2_to_residual(pts, flow[sel], p.ego1_T_ego0),
-                         av2_to_residual(pts, p.gt_flow[sel], p.ego1_T_ego0), p.category_indices[sel])
-            except MetricsError as exc:
-                raise EvalError(f'{where}: {exc}') from None
-            n_pairs += 1
-            n_points += int((m & p.is_valid).sum())
-    finally:
-        src.close()
-    if n_pairs == 0:
-        raise EvalError(f'{Path(data_root) / split}: no sweep pairs to evaluate')
-    return EvalResult(three.results(), buck.result(35.0), buck.result(float('inf')), n_pairs, n_points)
+    n_points = 0
+
+    def collect(scores) -> None:
+        nonlocal n_points
+        for sc in bar(scores, total=len(jobs)):
+            three.add(sc.rows)
+            buck.merge(sc.buckets)
+            n_points += sc.points
+
+    init_args = (str(pred_dir), None if masks is None else str(masks))
+    if workers <= 1:
+        _init_worker(*init_args)
+        try:
+            collect(_score_job(j) for j in jobs)
+        finally:
+            _close_worker()
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=init_args) as pool:
+            # map keeps the pair order, so the sums are the same as with one process.
+            collect(pool.map(_score_job, jobs, chunksize=4))
+    return EvalResult(three.results(), buck.result(35.0), buck.result(float('inf')), len(jobs), n_points)
 
 
 # --- presentation ------------------------------------------------------------------------------
@@ -324,6 +438,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--split', required=True, help='split folder under DATA_ROOT (e.g. val)')
     parser.add_argument('--every', type=int, default=1,
                         help='every k-th pair of the split in (log, time) order (AV2 leaderboard: 5)')
+    parser.add_argument('--masks', type=Path, metavar='MASKS.zip',
+                        help='official AV2 mask archive: score exactly its sweeps, on its masks')
+    parser.add_argument('--workers', type=int, default=1, help='processes reading and scoring pairs')
     parser.add_argument('--out', type=Path, help='folder for metrics.json and bucketed_epe.png '
                         '(default: <PRED_DIR>_eval next to PRED_DIR)')
 
@@ -332,14 +449,17 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
     if args.every < 1:
         raise EvalError(f'--every: expected >= 1, got {args.every}')
+    if args.workers < 1:
+        raise EvalError(f'--workers: expected >= 1, got {args.workers}')
     res = evaluate(args.pred_dir, args.data_root, args.split, args.every,
-                   progress=lambda it: tqdm(it, unit='pair', desc='eval'))
+                   progress=lambda it, total: tqdm(it, total=total, unit='pair', desc='eval'),
+                   masks=args.masks, workers=args.workers)
     out = args.out or args.pred_dir.with_name(args.pred_dir.stem + '_eval')
     out.mkdir(parents=True, exist_ok=True)
     print(format_table(res))
     d = res.to_dict()
     d.update(pred_dir=str(args.pred_dir), data_root=str(args.data_root), split=args.split, every=args.every,
-             flow_metrics=list(FLOW_METRICS))
+             masks=None if args.masks is None else str(args.masks), flow_metrics=list(FLOW_METRICS))
     (out / 'metrics.json').write_text(json.dumps(d, indent=2))
     plot_buckets(res.bucketed, out / 'bucketed_epe.png', title=f'{args.pred_dir.name} on {args.split}:')
     print(f'\nwrote {out / "metrics.json"} and {out / "bucketed_epe.png"}')
