@@ -300,6 +300,16 @@ def test_cli_to_bag_and_info(small_log, tmp_path, capsys):
     assert main(['data', 'to-bag', str(small_log.parent), str(tmp_path / 'x.mcap'), '--frame-id', 'ego']) == 0
     out = capsys.readouterr().out
     assert 'wrote 3 sweeps of AV2 log log-a' in out and '/odom' in out
+    # The poses also go to /tf as odom -> ego, for rviz.
+    from rosbags.rosbag2 import Reader
+    with Reader(tmp_path / 'x') as reader:
+        conns = [c for c in reader.connections if c.topic == '/tf']
+        msgs = [zbag.typestore().deserialize_cdr(raw, c.msgtype) for c, _, raw in reader.messages(conns)]
+    assert len(msgs) == 3
+    tf = msgs[2].transforms[0]
+    assert (tf.header.frame_id, tf.child_frame_id) == ('odom', 'ego')
+    np.testing.assert_allclose([tf.transform.translation.x, tf.transform.translation.y],
+                               AV2Log(small_log).pose(TS[2])[:2, 3], atol=1e-9)
     assert main(['data', 'info', str(tmp_path / 'x')]) == 0
     assert 'sensor_msgs/msg/PointCloud2' in capsys.readouterr().out
     assert main(['data', 'info', str(KITTI)]) == 0

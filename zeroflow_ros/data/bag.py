@@ -12,7 +12,8 @@ Without an odometry topic, KISS-ICP can estimate it (``lidar_odometry``), else i
 
 Writing (:func:`write_bag`, ``zeroflow data to-bag``): clouds as FLOAT32 x, y, z plus extra fields
 (intensity FLOAT32), odometry from known poses (``header.frame_id`` = the world/odom frame,
-``child_frame_id`` = the cloud frame, zero twist), log time = header stamp.
+``child_frame_id`` = the cloud frame, zero twist) and optionally the same pose on ``/tf``;
+log time = header stamp.
 
 Bad input (unknown topic, wrong message type, empty bag, stamps not increasing) raises
 :class:`BagError` (a :class:`~zeroflow_ros.data.av2.DataError`) listing the bag's topics and types.
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 POINTCLOUD2 = 'sensor_msgs/msg/PointCloud2'
 ODOMETRY = 'nav_msgs/msg/Odometry'
+TFMESSAGE = 'tf2_msgs/msg/TFMessage'
 ODOM_TOLERANCE_NS = 50_000_000
 
 
@@ -376,8 +378,12 @@ class CloudRecord:
 
 def write_bag(out: Path, records: Iterable[CloudRecord], *, topic: str = '/lidar',
               odom_topic: str | None = None, frame_id: str = 'lidar', odom_frame: str = 'odom',
-              storage: str | None = None) -> tuple[Path, int]:
-    """Write clouds (and odometry for records with a pose) to a new bag; returns (bag folder, clouds)."""
+              storage: str | None = None, tf_topic: str | None = None) -> tuple[Path, int]:
+    """Write clouds (and odometry for records with a pose) to a new bag; returns (bag folder, clouds).
+
+    ``tf_topic`` (e.g. ``/tf``) also writes each pose as the transform ``odom_frame -> frame_id``,
+    so rviz can show the replay in the odometry frame.
+    """
     from rosbags.rosbag2 import StoragePlugin, Writer
     from zeroflow_ros.core.pointcloud2 import encode
     bag_dir, kind = _storage_for(out, storage)
@@ -393,7 +399,7 @@ def write_bag(out: Path, records: Iterable[CloudRecord], *, topic: str = '/lidar
     writer.open()
     try:
         pc_conn = writer.add_connection(topic, POINTCLOUD2, typestore=ts)
-        od_conn = None
+        od_conn = tf_conn = None
         for rec in records:
             stamp = int(rec.stamp_ns)
             if prev is not None and stamp <= prev:
@@ -407,6 +413,11 @@ def write_bag(out: Path, records: Iterable[CloudRecord], *, topic: str = '/lidar
                     od_conn = writer.add_connection(odom_topic, ODOMETRY, typestore=ts)
                 writer.write(od_conn, stamp, ts.serialize_cdr(
                     _odometry(odom_cls, T, rec.pose, stamp, odom_frame, frame_id), ODOMETRY))
+            if tf_topic and rec.pose is not None:
+                if tf_conn is None:
+                    tf_conn = writer.add_connection(tf_topic, TFMESSAGE, typestore=ts)
+                writer.write(tf_conn, stamp, ts.serialize_cdr(
+                    _tf(T, rec.pose, stamp, odom_frame, frame_id), TFMESSAGE))
             n += 1
     except BaseException:
         writer.close()
@@ -415,6 +426,20 @@ def write_bag(out: Path, records: Iterable[CloudRecord], *, topic: str = '/lidar
     if n == 0:
         raise BagError(f'{bag_dir}: no sweeps to write')
     return bag_dir, n
+
+
+def _tf(T, pose: np.ndarray, stamp_ns: int, frame: str, child: str):
+    q = matrix_to_quat(pose[:3, :3])
+    sec, nsec = divmod(int(stamp_ns), 1_000_000_000)
+    header = T['std_msgs/msg/Header'](stamp=T['builtin_interfaces/msg/Time'](sec=sec, nanosec=nsec),
+                                      frame_id=frame)
+    t = [float(v) for v in pose[:3, 3]]
+    tr = T['geometry_msgs/msg/Transform'](
+        translation=T['geometry_msgs/msg/Vector3'](x=t[0], y=t[1], z=t[2]),
+        rotation=T['geometry_msgs/msg/Quaternion'](x=float(q[1]), y=float(q[2]), z=float(q[3]),
+                                                   w=float(q[0])))
+    return T[TFMESSAGE](transforms=[T['geometry_msgs/msg/TransformStamped'](
+        header=header, child_frame_id=child, transform=tr)])
 
 
 def _odometry(odom_cls, T, pose: np.ndarray, stamp_ns: int, frame: str, child: str):

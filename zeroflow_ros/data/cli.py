@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument('--odom-topic', default='/odom',
                    help='nav_msgs/Odometry topic written when poses are known (default /odom)')
     p.add_argument('--no-odom', action='store_true', help='do not write odometry even when poses are known')
+    p.add_argument('--tf-topic', default='/tf',
+                   help='also write the poses as odom-frame -> frame-id transforms here (default /tf; '
+                        '"" to skip)')
     p.add_argument('--frame-id', default='lidar',
                    help='cloud frame_id, also the odometry child frame (default lidar)')
     p.add_argument('--odom-frame', default='odom', help='odometry header frame_id (default odom)')
@@ -97,7 +100,7 @@ def _to_bag(args: argparse.Namespace) -> int:
     odom = None if args.no_odom else args.odom_topic
     bag_dir, n = write_bag(args.out, tqdm(records, desc='to-bag', unit='sweep'), topic=args.topic,
                            odom_topic=odom, frame_id=args.frame_id, odom_frame=args.odom_frame,
-                           storage=args.storage)
+                           storage=args.storage, tf_topic=None if args.no_odom else (args.tf_topic or None))
     print(f'wrote {n} sweeps of {kind} to {bag_dir}')
     _print_bag(bag_dir)
     return 0
