@@ -256,6 +256,11 @@ def test_bag_bad_input(tmp_path):
     back = _write_raw_bag(tmp_path / 'back', [10, 30, 20])
     with pytest.raises(zbag.BagError, match=r'not increasing at messages 1, 2 \(30 then 20\); the bag has'):
         list(zbag.iter_clouds(back, '/points'))
+    zero = _write_raw_bag(tmp_path / 'zero', [0, 0, 0])
+    assert [c.stamp_ns for c in zbag.iter_clouds(zero, '/points')] == [10**9, 10**9 + 1, 10**9 + 2]
+    mixed = _write_raw_bag(tmp_path / 'mixed', [0, 0, 5])
+    with pytest.raises(zbag.BagError, match='mixes zero and non-zero header stamps'):
+        list(zbag.iter_clouds(mixed, '/points'))
     with pytest.raises(zbag.BagError, match='bag not found'):
         zbag.bag_info(tmp_path / 'nope')
     with pytest.raises(zbag.BagError, match='sweep stamps must increase'):

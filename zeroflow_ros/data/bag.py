@@ -299,17 +299,30 @@ class BagCloud:
 
 
 def iter_clouds(path: Path, topic: str) -> Iterator[BagCloud]:
-    """Yield the decoded PointCloud2 messages of ``topic`` in log order; header stamps must increase."""
+    """Yield the decoded PointCloud2 messages of ``topic`` in log order; header stamps must increase.
+
+    A driver that leaves every header stamp at zero gets the bag's log (receive) times instead, with
+    a warning; a zero stamp after non-zero ones is an error like any other stamp going backwards.
+    """
     from zeroflow_ros.core.pointcloud2 import CloudError, decode
     src = _open_source(path)
     info = src.info
+    use_log_time = False
     try:
         prev = None
         for k, (log_ns, msg) in enumerate(_messages(src, topic, POINTCLOUD2)):
             stamp = _stamp(msg)
+            if k == 0 and stamp == 0:
+                use_log_time = True
+                logger.warning('%s: %r has zero header stamps; using the bag\'s log times', info.path, topic)
+            if use_log_time:
+                if stamp != 0:
+                    raise BagError(f'{info.path}: {topic!r} mixes zero and non-zero header stamps '
+                                   f'(message {k}); the bag has {info.describe_topics()}')
+                stamp = log_ns
             if prev is not None and stamp <= prev:
-                raise BagError(f'{info.path}: header stamps of {topic!r} not increasing at messages '
-                               f'{k - 1}, {k} '
+                what = 'log times' if use_log_time else 'header stamps'
+                raise BagError(f'{info.path}: {what} of {topic!r} not increasing at messages {k - 1}, {k} '
                                f'({prev} then {stamp}); the bag has {info.describe_topics()}')
             prev = stamp
             try:
