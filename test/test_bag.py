@@ -319,3 +319,5 @@ def test_cli_to_bag_and_info(small_log, tmp_path, capsys):
     assert 'sensor_msgs/msg/PointCloud2' in capsys.readouterr().out
     assert main(['data', 'info', str(KITTI)]) == 0
     assert '10 .bin sweeps, first has 114278 points' in capsys.readouterr().out
+    assert main(['data', 'to-bag', str(tmp_path / 'nothing-here'), str(tmp_path / 'y.mcap')]) == 2
+    assert 'error:' in capsys.readouterr().err

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -163,9 +164,13 @@ def run(args: argparse.Namespace) -> int:
             return 2
         from zeroflow_training.data.cli_synth import run_synth
         return int(run_synth(args) or 0)
-    if cmd == 'to-bag':
-        return _to_bag(args)
-    if cmd == 'info':
-        return _info(args)
+    if cmd in ('to-bag', 'info'):
+        from zeroflow_ros.data.av2 import DataError
+        try:
+            return _to_bag(args) if cmd == 'to-bag' else _info(args)
+        except DataError as exc:
+            # Bad input is the user's to fix: one clear line, no traceback.
+            print(f'zeroflow data {cmd}: error: {exc}', file=sys.stderr)
+            return 2
     print('usage: zeroflow data {synth,to-bag,info} ... (zeroflow data -h for help)')
     return 2
