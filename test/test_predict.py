@@ -20,6 +20,7 @@ import pytest
 from zeroflow_ros.core.geometry import ego_flow, invert, matrix_to_quat, transform_points, yaw_transform
 from zeroflow_ros.core.preprocess import PreprocessConfig
 from zeroflow_ros.eval import predict as P
+from zeroflow_ros.eval.masks import MaskError
 
 LOG_ID = 'hand-built-log-0000'
 TS0 = 315_970_000_000_000_000
@@ -249,7 +250,7 @@ def test_bad_inputs_raise_clear_errors(dataset, tmp_path):
         _predict(dataset, tmp_path / 'x', 'ego', split='nope')
     with pytest.raises(P.PredictError, match='--only-masked needs'):
         _predict(dataset, tmp_path / 'x', 'ego', only_masked=True)
-    with pytest.raises(P.PredictError, match='mask archive not found'):
+    with pytest.raises(MaskError, match='mask archive not found'):
         _predict(dataset, tmp_path / 'x', 'ego', submission=tmp_path / 'missing.zip')
     # A prediction file with the wrong row count cannot go into a submission.
     _mask_zip(tmp_path / 'masks.zip', dataset)

@@ -36,6 +36,7 @@ import numpy as np
 
 from zeroflow_ros.core.geometry import av2_to_residual
 from zeroflow_ros.eval.bucketed import BucketedAccumulator, BucketedResult
+from zeroflow_ros.eval.masks import mask_names, parse_name, read_mask
 from zeroflow_ros.eval.metrics import (FLOW_METRICS, ExampleRows, MetricsError, ThreeWayAccumulator,
                                        close_mask, compute_example, eval_point_mask, official_gt_flow)
 
@@ -163,31 +164,6 @@ class PairJob:
     ts1: int
 
 
-def mask_names(mask_zip: Path) -> list[str]:
-    """``<log_id>/<ts>.feather`` entries of an official AV2 mask archive."""
-    try:
-        with zipfile.ZipFile(mask_zip) as zf:
-            names = sorted(n for n in zf.namelist() if n.endswith('.feather'))
-    except FileNotFoundError:
-        raise EvalError(f'{mask_zip}: mask archive not found') from None
-    except zipfile.BadZipFile as exc:
-        raise EvalError(f'{mask_zip}: not a zip archive ({exc})') from None
-    if not names:
-        raise EvalError(f'{mask_zip}: no <log_id>/<ts>.feather mask files inside')
-    return names
-
-
-def read_mask(zf: zipfile.ZipFile, name: str) -> np.ndarray:
-    import pyarrow.feather as feather
-    try:
-        tab = feather.read_table(io.BytesIO(zf.read(name)))
-    except Exception as exc:  # pyarrow raises many types for corrupt files
-        raise EvalError(f'{zf.filename}:{name}: cannot read as feather ({exc})') from None
-    if tab.num_columns != 1:
-        raise EvalError(f'{zf.filename}:{name}: expected one bool mask column, got {tab.column_names}')
-    return tab.column(0).to_numpy(zero_copy_only=False).astype(bool)
-
-
 def list_eval_pairs(data_root: Path, split: str, every: int = 1,
                     masks: list[str] | None = None) -> list[PairJob]:
     """List the pairs to score: every ``every``-th of the split, or exactly those of a mask archive."""
@@ -199,13 +175,13 @@ def list_eval_pairs(data_root: Path, split: str, every: int = 1,
     if masks is not None:
         by_id = {lg.log_id: lg for lg in logs}
         for name in masks:
-            log_id, _, fname = name.rpartition('/')
+            log_id, t0 = parse_name(name)
             lg = by_id.get(log_id)
             if lg is None:
                 raise EvalError(f'mask entry {name}: no log {log_id} in {Path(data_root) / split}')
             ts = lg.timestamps
-            i = np.searchsorted(ts, int(Path(fname).stem))
-            if i >= len(ts) - 1 or ts[i] != int(Path(fname).stem):
+            i = int(np.searchsorted(ts, t0))
+            if i >= len(ts) - 1 or ts[i] != t0:
                 raise EvalError(f'mask entry {name}: no sweep with a successor at that time in {lg.log_dir}')
             jobs.append(PairJob(str(lg.log_dir), int(ts[i]), int(ts[i + 1])))
         return sorted(jobs, key=lambda j: (Path(j.log_dir).name, j.ts0))

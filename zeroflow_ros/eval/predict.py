@@ -37,6 +37,7 @@ import numpy as np
 
 from zeroflow_ros.core.geometry import av2_to_residual, residual_to_av2
 from zeroflow_ros.core.preprocess import PreparedPair, PreprocessConfig, prepare_pair
+from zeroflow_ros.eval.masks import mask_names, parse_name, read_mask
 
 log = logging.getLogger(__name__)
 
@@ -318,51 +319,18 @@ def run_jobs(jobs: list[Job], method_kwargs: dict, out_dir: Path, workers: int =
 
 # --- submission archive ------------------------------------------------------------------------
 
-def read_mask_archive(mask_zip: Path) -> dict[str, np.ndarray]:
-    """``<log_id>/<ts>.feather`` -> (N,) bool mask, from an official AV2 mask archive."""
-    import pandas as pd
-    mask_zip = Path(mask_zip)
-    if not mask_zip.is_file():
-        raise PredictError(f'{mask_zip}: mask archive not found')
-    out = {}
-    try:
-        with zipfile.ZipFile(mask_zip) as zf:
-            for name in sorted(n for n in zf.namelist() if n.endswith('.feather')):
-                df = pd.read_feather(io.BytesIO(zf.read(name)))
-                if df.shape[1] != 1:
-                    raise PredictError(
-                        f'{mask_zip}:{name}: expected one bool mask column, got {list(df.columns)}')
-                out[name] = df.to_numpy().astype(bool).reshape(-1)
-    except zipfile.BadZipFile as exc:
-        raise PredictError(f'{mask_zip}: not a zip archive ({exc})') from None
-    if not out:
-        raise PredictError(f'{mask_zip}: no <log_id>/<ts>.feather mask files inside')
-    return out
-
-
-def masked_keys(masks: dict[str, np.ndarray]) -> set[tuple[str, int]]:
-    keys = set()
-    for name in masks:
-        log_id, _, fname = name.rpartition('/')
-        try:
-            keys.add((log_id, int(Path(fname).stem)))
-        except ValueError:
-            raise PredictError(
-                f'mask archive entry {name!r}: expected <log_id>/<timestamp_ns>.feather') from None
-    return keys
-
-
 def write_submission(pred_dir: Path, mask_zip: Path, archive: Path) -> int:
     """Pack the official challenge archive from full-row prediction files; returns entries written."""
     import pandas as pd
     import pyarrow.feather as feather
-    masks = read_mask_archive(mask_zip)
+    names = mask_names(mask_zip)
     archive = Path(archive)
     archive.parent.mkdir(parents=True, exist_ok=True)
     tmp = archive.with_name(f'.{archive.name}.{os.getpid()}.tmp')
     try:
-        with zipfile.ZipFile(tmp, 'w') as zf:
-            for name, mask in masks.items():
+        with zipfile.ZipFile(mask_zip) as masks, zipfile.ZipFile(tmp, 'w') as zf:
+            for name in names:
+                mask = read_mask(masks, name)
                 src = Path(pred_dir) / name
                 if not src.is_file():
                     raise PredictError(f'{src}: prediction missing for mask entry {name}')
@@ -383,7 +351,7 @@ def write_submission(pred_dir: Path, mask_zip: Path, archive: Path) -> int:
     finally:
         if tmp.exists():
             tmp.unlink()
-    return len(masks)
+    return len(names)
 
 
 # --- CLI ---------------------------------------------------------------------------------------
@@ -416,8 +384,8 @@ def run(args: argparse.Namespace) -> int:
         raise PredictError(f'--workers: expected >= 1, got {args.workers}')
     if args.only_masked and args.submission is None:
         raise PredictError('--only-masked needs --submission MASKS.zip')
-    masks = read_mask_archive(args.submission) if args.submission is not None else None
-    only = masked_keys(masks) if (masks is not None and args.only_masked) else None
+    names = mask_names(args.submission) if args.submission is not None else None
+    only = {parse_name(n) for n in names} if (names is not None and args.only_masked) else None
     jobs, done = list_jobs(args.data_root, args.split, args.out, only)
     method_kwargs = dict(name=args.method, model=str(args.model), backend=args.backend, device=args.device,
                          preprocess=PreprocessConfig(ground=args.ground),
