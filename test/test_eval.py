@@ -479,3 +479,18 @@ def test_official_masks_and_workers(synth, tmp_path):
     _write_mask_zip(tmp_path / 'other.zip', {'no-such-log/1.feather': np.ones(5, bool)})
     with pytest.raises(EvalError, match='no log no-such-log'):
         evaluate(synth / 'nn', synth / 'data', 'val', masks=tmp_path / 'other.zip')
+
+
+def test_eval_mask_on_real_av2_sweep_matches_av2_map_api():
+    """The real AV2 sample sweep: our mask (AV2Log ground + 50 m box) = av2's map API rule."""
+    pytest.importorskip('av2.map.map_api')
+    from zeroflow_ros.data.av2 import AV2Log
+    log_dir = Path(__file__).resolve().parents[1] / 'data' / 'samples' / 'av2_sample' / \
+        'adcf7d18-0510-35b0-a2fa-b4cea13a6d76'
+    lg = AV2Log(log_dir)
+    ts = int(lg.timestamps[0])
+    pts = lg.points(ts)
+    mask = M.eval_point_mask(pts, lg.ground_mask(pts, ts))
+    ref = ~_av2_map_ground(log_dir, ts, pts) & (np.abs(pts[:, 0]) <= 50) & (np.abs(pts[:, 1]) <= 50)
+    np.testing.assert_array_equal(mask, ref)
+    assert 0.2 < mask.mean() < 0.9 and len(pts) == 100_660   # SOURCES.md: 100,660 points
