@@ -301,3 +301,66 @@ def test_fuzz_then_good_pair(node_env):
     assert np.array_equal(xyz, p0)
     assert np.abs(got - ref).max() <= 1e-5
     assert node.diagnostic_status().level in (b'\x00', b'\x01')  # recovered: not ERROR
+
+
+class SlowBackend:
+    """A real backend made slow, as on an overloaded CPU (sleeps, results unchanged)."""
+
+    def __init__(self, inner, delay_s: float):
+        self.inner, self.delay_s = inner, delay_s
+
+    def infer(self, p0, p1):
+        time.sleep(self.delay_s)
+        return self.inner.infer(p0, p1)
+
+    def describe(self):
+        return self.inner.describe()
+
+
+def test_overload_drops_but_pairs_consecutive_sweeps(node_env):
+    """Input faster than processing: latest wins, drops are counted, and every flow still spans one
+    sweep interval (the skipped predecessor is fed first) with the offline values for that pair."""
+    from zeroflow_ros.core import preprocess
+    node, pub, flows = node_env
+    real = node.pipeline.backend
+    node.pipeline.backend = SlowBackend(real, 0.35)
+    rng = np.random.default_rng(5)
+    base = rng.uniform([-40, -40, -2], [40, 40, 3], (3000, 3)).astype(np.float32)
+    clouds = [(base + k * np.float32([0.3, 0, 0]) * (np.arange(3000)[:, None] % 2)).astype(np.float32)
+              for k in range(10)]
+    f = Factory(seed=9)
+    t0 = 500 * 10**9
+    n_flows, s0 = len(flows), dataclass_copy(node.stats)
+    try:
+        for k, c in enumerate(clouds):
+            pub.publish(f.cloud(c, frame_id='ov', stamp_ns=t0 + k * 100_000_000))
+            time.sleep(0.1)
+        assert node.wait_idle(30)
+        time.sleep(0.2)
+    finally:
+        node.pipeline.backend = real
+    s = node.stats
+    received = s.received - s0['received']
+    dropped = s.dropped_stale - s0['dropped_stale']
+    out = flows[n_flows:]
+    assert received == 10 and dropped >= 2 and len(out) >= 2, (received, dropped, len(out))
+    assert s.published - s0['published'] == len(out)
+    assert max(s.latencies_ms) < 3 * 350 + 1000  # bounded: one wait + one frame, never a queue
+    for msg in out:
+        k = (msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec - t0) // 100_000_000
+        p0, p1 = clouds[k], clouds[k + 1]  # consecutive, even though frames were dropped
+        prep = preprocess.prepare_pair(p0, p1, np.eye(4), preprocess.PreprocessConfig(ground='geometric'))
+        flow_k, valid_k = real.infer(prep.pc0, prep.pc1)
+        ref = np.zeros((len(p0), 3), np.float32)
+        ref[prep.mask0] = np.where(valid_k[:, None], flow_k, 0)
+        raw = np.frombuffer(bytes(msg.data), np.uint8).reshape(-1, msg.point_step)
+        off = {fl.name: fl.offset for fl in msg.fields}
+        got = np.stack([raw[:, off[c]:off[c] + 4].copy().view('<f4').ravel()
+                        for c in ('flow_x', 'flow_y', 'flow_z')], 1)
+        assert np.abs(got - ref).max() <= 1e-5
+        speed = raw[:, off['speed']:off['speed'] + 4].copy().view('<f4').ravel()
+        assert np.allclose(speed, np.linalg.norm(ref, axis=1) / 0.1, atol=1e-4)  # dt = 0.1 s
+
+
+def dataclass_copy(stats):
+    return {'received': stats.received, 'dropped_stale': stats.dropped_stale, 'published': stats.published}

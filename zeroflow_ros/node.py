@@ -113,6 +113,9 @@ PARAMS: tuple[Param, ...] = (
     Param('warmup_iterations', 3, 'backend calls on random points at start-up (first frames then run at '
           'full speed); 0 disables', range=(0, 100)),
     Param('diagnostics_period_s', 1.0, 'diagnostics publish period', range=(0.05, 60.0)),
+    Param('pair_consecutive', True, 'under overload, feed the sweep received just before the processed one '
+          '(pre-processing only) so flow always spans one sweep interval; false: pair with the last '
+          'processed sweep (cheaper, longer and variable interval)', read_only=False),
     Param('skip_when_no_subscribers', True, 'skip inference while nobody subscribes to the outputs',
           read_only=False),
 )
@@ -208,7 +211,10 @@ class ZeroFlowNode(Node):
             self.pipeline.backend.warmup(iterations=v['warmup_iterations'])
         self.stats = NodeStats()
         self._lock = threading.Lock()
-        self._slot: tuple[Any, float] | None = None
+        self._slot: tuple[int, Any, float, tuple[int, Any] | None] | None = None
+        self._last: tuple[int, Any] | None = None
+        self._seq = 0          # messages received (callback side)
+        self._used_seq = 0     # newest message fed to the pipeline (worker side)
         self._warn_times: dict[str, float] = {}
         self._started = time.monotonic()
 
@@ -323,9 +329,10 @@ class ZeroFlowNode(Node):
         with self._lock:
             self.stats.received += 1
             self.stats.receive_times.append(now)
-            if self._slot is not None:
-                self.stats.dropped_stale += 1
-            self._slot = (msg, now)
+            self._seq += 1
+            # Latest wins; the message before it is kept as its possible predecessor.
+            self._slot = (self._seq, msg, now, self._last)
+            self._last = (self._seq, msg)
         self._wake.set()
 
     def _on_odometry(self, msg: Any) -> None:
@@ -366,60 +373,79 @@ class ZeroFlowNode(Node):
         return (self._flow_pub.get_subscription_count() > 0
                 or (self._p('publish_markers') and self._marker_pub.get_subscription_count() > 0))
 
-    def _process(self, msg: Any, t_recv: float) -> None:
-        from zeroflow_ros.core import pointcloud2 as pc2
-
+    def _process(self, seq: int, msg: Any, t_recv: float, pred: tuple[int, Any] | None) -> None:
         try:
             if self._p('skip_when_no_subscribers') and not self._has_subscribers():
                 if self.pipeline.has_previous:
                     self.pipeline.reset('no_subscribers')
                 with self._lock:
                     self.stats.skipped_no_subscribers += 1
+                self._used_seq = seq
                 return
             t0 = time.perf_counter()
-            cloud = pc2.decode(msg)
-            xyz = cloud.xyz
-            if len(xyz) == 0 and cloud.n_input > 0:
-                raise pl.PipelineError('all_nan', f'all {cloud.n_input} points have a NaN/inf coordinate; '
-                                       'expected finite x, y, z')
-            keep = pl.clip_indices(len(xyz), self.config.max_points)
-            if keep is not None:
-                with self._lock:
-                    self.stats.clipped += 1
-                self._warn('clipped', f'cloud with {len(xyz)} points clipped to max_points='
-                           f'{self.config.max_points} (evenly strided)')
-                xyz = xyz[keep]
-            stamp_ns = cloud.stamp_ns
-            pose = None
-            if self.config.ego_motion == 'odometry':
-                pose = self.poses.wait_for(stamp_ns, self._p('odometry_wait_s'))
-            decode_ms = (time.perf_counter() - t0) * 1e3
-            frame = self.pipeline.step(xyz, stamp_ns, pose, frame_id=cloud.frame_id, tag=msg.header)
-            reason = self.pipeline.last_reset_reason
-            if reason is not None:
-                with self._lock:
-                    self.stats.resets[reason] += 1
-                if reason in _ERROR_RESETS:
-                    self._count_error(reason, f'{reason} at {stamp_ns} ns on {cloud.frame_id!r}: '
-                                      'sweep starts a new pair, no flow for it')
+            used_pred = False
+            if pred is not None and pred[0] > self._used_seq and self._p('pair_consecutive'):
+                # Overload dropped the sweep just before this one: feed it first (pre-processing
+                # only), so the flow still spans one sweep interval, as the model was trained.
+                used_pred = self._guarded(lambda: self._step(pred[1], infer=False))
             with self._lock:
-                self.stats.processed += 1
-            if frame is None:
-                return
-            self._publish(frame, t0, t_recv, decode_ms, stamp_ns)
+                self.stats.dropped_stale += max(0, seq - self._used_seq - 1 - int(used_pred))
+            self._used_seq = seq
+            self._guarded(lambda: self._step(msg, t0=t0, t_recv=t_recv))
+        finally:
+            with self._lock:
+                self._busy = False
+
+    def _guarded(self, fn: Any) -> bool:
+        """Run one sweep; bad input is counted by kind and logged (throttled), never raised."""
+        from zeroflow_ros.core import pointcloud2 as pc2
+        try:
+            fn()
+            return True
         except (pc2.CloudError, pl.PipelineError) as exc:
             kind = getattr(exc, 'kind', 'decode')
-            with self._lock:
-                self.stats.processed += 1
             self._count_error(kind, f'dropped cloud: {exc}')
         except Exception as exc:  # the node must survive anything a message can trigger
-            with self._lock:
-                self.stats.processed += 1
             self._count_error('internal', f'internal error on a cloud: {type(exc).__name__}: {exc}')
             log.debug('internal error', exc_info=True)
         finally:
             with self._lock:
-                self._busy = False
+                self.stats.processed += 1
+        return False
+
+    def _step(self, msg: Any, *, infer: bool = True, t0: float | None = None, t_recv: float = 0.0) -> None:
+        """Decode one message, run the pipeline on it and publish the flow it completes."""
+        from zeroflow_ros.core import pointcloud2 as pc2
+
+        t0 = time.perf_counter() if t0 is None else t0
+        t_dec = time.perf_counter()
+        cloud = pc2.decode(msg)
+        xyz = cloud.xyz
+        if len(xyz) == 0 and cloud.n_input > 0:
+            raise pl.PipelineError('all_nan', f'all {cloud.n_input} points have a NaN/inf coordinate; '
+                                   'expected finite x, y, z')
+        keep = pl.clip_indices(len(xyz), self.config.max_points)
+        if keep is not None:
+            with self._lock:
+                self.stats.clipped += 1
+            self._warn('clipped', f'cloud with {len(xyz)} points clipped to max_points='
+                       f'{self.config.max_points} (evenly strided)')
+            xyz = xyz[keep]
+        stamp_ns = cloud.stamp_ns
+        pose = None
+        if self.config.ego_motion == 'odometry':
+            pose = self.poses.wait_for(stamp_ns, self._p('odometry_wait_s'))
+        decode_ms = (time.perf_counter() - t_dec) * 1e3
+        frame = self.pipeline.step(xyz, stamp_ns, pose, frame_id=cloud.frame_id, tag=msg.header, infer=infer)
+        reason = self.pipeline.last_reset_reason
+        if reason is not None:
+            with self._lock:
+                self.stats.resets[reason] += 1
+            if reason in _ERROR_RESETS:
+                self._count_error(reason, f'{reason} at {stamp_ns} ns on {cloud.frame_id!r}: '
+                                  'sweep starts a new pair, no flow for it')
+        if frame is not None:
+            self._publish(frame, t0, t_recv, decode_ms, stamp_ns)
 
     def _publish(self, frame: pl.FlowFrame, t0: float, t_recv: float, decode_ms: float,
                  stamp_ns: int) -> None:

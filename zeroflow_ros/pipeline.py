@@ -284,12 +284,14 @@ class Pipeline:
 
     # -- per frame ---------------------------------------------------------------------------
     def step(self, points: np.ndarray, stamp_ns: int, pose: np.ndarray | None = None, *,
-             frame_id: str = '', tag: Any = None) -> FlowFrame | None:
+             frame_id: str = '', tag: Any = None, infer: bool = True) -> FlowFrame | None:
         """Add sweep t+1; return flow of sweep t, or None when there is no valid pair yet.
 
         ``pose`` is ``world_T_ego`` of this sweep (needed with ``ego_motion='odometry'``, ignored
         otherwise). A rejected sweep raises :class:`PipelineError` and leaves the previous
         sweep in place, so the next good sweep still pairs with it (if within the gap).
+        ``infer=False`` only takes the sweep in (ego pose, ground), e.g. a predecessor the caller
+        had skipped, and returns None.
         """
         t_start = time.perf_counter()
         self.last_reset_reason = None
@@ -298,7 +300,7 @@ class Pipeline:
         ego_T = self._ego_pose(pts, stamp_ns, pose, frame_id)
         cur = _Sweep(pts, self._ground(pts), stamp_ns, ego_T, frame_id, tag)
         prev, self._prev = self._prev, cur
-        if prev is None:
+        if prev is None or not infer:
             return None
 
         ego1_T_ego0 = geometry.invert(cur.world_T_ego) @ prev.world_T_ego
