@@ -30,7 +30,9 @@ def small_log(tmp_path_factory) -> Path:
         n = 1500 + 100 * k
         xyz = rng.uniform(-60, 60, (n, 3)).astype(np.float16)
         feather.write_feather(pa.table({'x': xyz[:, 0], 'y': xyz[:, 1], 'z': xyz[:, 2],
-                                        'intensity': rng.integers(0, 256, n).astype(np.uint8)}),
+                                        'intensity': rng.integers(0, 256, n).astype(np.uint8),
+                                        'laser_number': rng.integers(0, 64, n).astype(np.uint8),
+                                        'offset_ns': np.sort(rng.integers(0, 10**8, n)).astype(np.int32)}),
                               log / 'sensors' / 'lidar' / f'{ts}.feather')
         T = yaw_transform(0.03 * k, (1400.0 + 1.2 * k, 200.0 + 0.1 * k, 13.0))
         rows.append([ts, *matrix_to_quat(T[:3, :3]), *T[:3, 3]])
@@ -57,6 +59,8 @@ def test_av2_log_round_trip(small_log, tmp_path, ext):
         raw = feather.read_table(log.lidar_path(ts)).to_pandas()
         np.testing.assert_array_equal(c.cloud.xyz, log.points(ts))  # bit-identical after the float16 cast
         np.testing.assert_array_equal(c.cloud.intensity, raw['intensity'].to_numpy().astype(np.float32))
+        np.testing.assert_array_equal(c.cloud.ring, raw['laser_number'].to_numpy())
+        np.testing.assert_array_equal(c.cloud.time, raw['offset_ns'].to_numpy() * 1e-9)  # ns -> s
         assert c.cloud.frame_id == 'ego' and c.log_ns == ts
     pairs = list(zbag.iter_bag_pairs(bag_dir, '/lidar', '/odom'))
     assert [(p.ts0, p.ts1) for p in pairs] == [(TS[0], TS[1]), (TS[1], TS[2])]
@@ -145,6 +149,8 @@ def test_pcd_sequence_with_poses_to_sqlite3(tmp_path):
     for k, p in enumerate(pairs):
         np.testing.assert_array_equal(p.points0, sweeps[k].points)
         np.testing.assert_array_equal(p.cloud0.intensity, sweeps[k].fields['intensity'])
+        np.testing.assert_array_equal(p.cloud0.ring, sweeps[k].fields['ring'])
+        np.testing.assert_array_equal(p.cloud0.time, sweeps[k].fields['timestamp'])
         np.testing.assert_allclose(p.ego1_T_ego0, invert(mats[k + 1]) @ mats[k], atol=1e-9)
         assert np.abs(p.ego1_T_ego0[:3, 3]).max() < 1e-3  # the vehicle stands still (SOURCES.md)
 

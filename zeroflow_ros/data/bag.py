@@ -334,6 +334,14 @@ def iter_clouds(path: Path, topic: str) -> Iterator[BagCloud]:
         src.close()
 
 
+def _normalised_times(t: np.ndarray | None) -> np.ndarray | None:
+    """Per-point times scaled to [0, 1] over the sweep (KISS-ICP's deskew input), None if unknown."""
+    if t is None or len(t) == 0:
+        return None
+    lo, hi = float(np.min(t)), float(np.max(t))
+    return np.zeros(len(t)) if hi <= lo else (np.asarray(t, np.float64) - lo) / (hi - lo)
+
+
 @dataclass
 class BagPair(Pair):
     cloud0: Any = None  # DecodedCloud of sweep t (indices, intensity, time, frame_id)
@@ -363,7 +371,7 @@ def iter_bag_pairs(path: Path, topic: str, odom_topic: str | None = None,
                            bc.cloud.frame_id)
             warned = True
         if icp is not None:
-            icp.register(bc.cloud.xyz, bc.stamp_ns)
+            icp.register(bc.cloud.xyz, bc.stamp_ns, _normalised_times(bc.cloud.time))
         if prev is not None:
             T = None
             if odom is not None:
@@ -475,29 +483,42 @@ def _odometry(odom_cls, T, pose: np.ndarray, stamp_ns: int, frame: str, child: s
 # ---------------------------------------------------------------------------------- converters
 
 def records_from_av2_log(log_dir: Path) -> Iterator[CloudRecord]:
-    """Sweeps of an AV2/synthetic log (ego frame) with intensity and the city pose."""
+    """Sweeps of an AV2/synthetic log (ego frame) with the city pose.
+
+    Extra fields: ``intensity`` (FLOAT32), ``ring`` (UINT16, from ``laser_number``) and ``offset_ns``
+    (INT32, the per-point time within the sweep, for deskewing), when the log has them.
+    """
     from zeroflow_ros.data.av2 import AV2Log
     log = AV2Log(log_dir)
+    has_poses = (log.log_dir / 'city_SE3_egovehicle.feather').exists()
     for ts in log.timestamps:
         tab = log.lidar_table(int(ts))
         pts = np.stack([tab.column(c).to_numpy().astype(np.float32) for c in ('x', 'y', 'z')], axis=1)
         fields = {}
-        if 'intensity' in tab.column_names:
-            fields['intensity'] = tab.column('intensity').to_numpy().astype(np.float32)
-        try:
-            pose = log.pose(int(ts))
-        except DataError:
-            pose = None
-        yield CloudRecord(int(ts), pts, fields, pose)
+        for src, dst, dtype in (('intensity', 'intensity', np.float32), ('laser_number', 'ring', np.uint16),
+                                ('offset_ns', 'offset_ns', np.int32)):
+            if src in tab.column_names:
+                fields[dst] = tab.column(src).to_numpy().astype(dtype)
+        yield CloudRecord(int(ts), pts, fields, log.pose(int(ts)) if has_poses else None)
 
 
 def records_from_sweeps(folder: Path, poses_file: Path | None = None,
                         start_ns: int = 0) -> Iterator[CloudRecord]:
-    """Sweeps of a KITTI .bin / PCD folder (recorded or nominal 10 Hz times), poses from a KITTI file."""
+    """Sweeps of a KITTI .bin / PCD folder (recorded or nominal 10 Hz times), poses from a KITTI file.
+
+    Extra fields: ``intensity`` (FLOAT32), and from PCDs ``ring`` (UINT16) and the per-point time
+    (``timestamp``/``time``/``t`` as stored) when present.
+    """
     from zeroflow_ros.data.sweeps import iter_sweeps, list_sweep_files, poses_for_sweeps
     poses = poses_for_sweeps(poses_file, list_sweep_files(folder)) if poses_file else None
     for k, s in enumerate(iter_sweeps(folder, start_ns=start_ns)):
         fields = {}
         if 'intensity' in s.fields:
             fields['intensity'] = np.asarray(s.fields['intensity'], dtype=np.float32).reshape(-1)
+        if 'ring' in s.fields and s.fields['ring'].ndim == 1:
+            fields['ring'] = s.fields['ring'].astype(np.uint16)
+        for name in ('timestamp', 'time', 't'):
+            if name in s.fields and s.fields[name].ndim == 1:
+                fields[name] = s.fields[name]
+                break
         yield CloudRecord(int(s.stamp_ns), s.points, fields, None if poses is None else poses[k])
