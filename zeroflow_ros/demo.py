@@ -65,8 +65,9 @@ class DemoResult:
             epe = f', EPE {self.epe_m:.3f} m (dynamic {self.epe_dynamic_m:.3f} m)' \
                 if self.epe_dynamic_m is not None else f', EPE {self.epe_m:.3f} m'
         model = self.model + ('' if self.model_trained else ' [UNTRAINED]')
-        return (f'demo {self.sequence}: sweeps in {self.sweeps_in}, flows out {self.flows_out}/{self.expected}, '
-                f'dropped {self.dropped}, latency p50 {self.latency_p50_ms:.1f} ms p99 {self.latency_p99_ms:.1f} ms, '
+        return (f'demo {self.sequence}: sweeps in {self.sweeps_in}, '
+                f'flows out {self.flows_out}/{self.expected}, dropped {self.dropped}, '
+                f'latency p50 {self.latency_p50_ms:.1f} ms p99 {self.latency_p99_ms:.1f} ms, '
                 f'backend {self.backend}/{self.device}, model {model}{epe}')
 
 
@@ -110,20 +111,23 @@ def find_model(model: str | None, out: Path) -> tuple[str, bool]:
     return str(path), False
 
 
-def _make_input(sequence: str, out: Path, sweeps: int, beams: int, azimuths: int) -> tuple[Path, str | None, Path | None]:
+def _make_input(sequence: str, out: Path, sweeps: int, beams: int,
+                azimuths: int) -> tuple[Path, str | None, Path | None]:
     """Write the sequence as a bag; returns (bag, odometry topic or None, GT data root or None)."""
     from zeroflow_ros.data.bag import records_from_av2_log, records_from_sweeps, write_bag
     bag = out / 'input'
     if sequence == 'kitti':
         folder = find_kitti_sequence()
-        records = list(records_from_sweeps(folder))[:sweeps]
+        # Stamps from 1 s: ROS reads a zero stamp as unset.
+        records = list(records_from_sweeps(folder, start_ns=1_000_000_000))[:sweeps]
         write_bag(bag, records, topic='/lidar', frame_id='velodyne', storage='mcap')
         return bag, None, None
     from zeroflow_ros.data.av2 import list_logs
     try:
         from zeroflow_training.data.synth import make_tiny_dataset
     except ImportError as exc:
-        raise DemoError(f'--sequence synthetic needs the training package (zeroflow_training): {exc}') from None
+        raise DemoError(f'--sequence synthetic needs the training package (zeroflow_training): '
+                        f'{exc}') from None
     root = make_tiny_dataset(out / 'synthetic', logs=1, sweeps=sweeps, beams=beams, azimuths=azimuths)
     log_dir = list_logs(root, 'val')[0].log_dir
     write_bag(bag, records_from_av2_log(log_dir), topic='/lidar', odom_topic='/odom', frame_id='lidar',
@@ -132,8 +136,11 @@ def _make_input(sequence: str, out: Path, sweeps: int, beams: int, azimuths: int
 
 
 def flow_epe(flow_bag: Path, gt_root: Path) -> tuple[float | None, float | None]:
-    """Mean end-point error (m) of the recorded flow vs ground truth over valid non-ground points,
-    and over the ground-truth dynamic ones (residual flow; equal to the AV2-convention EPE)."""
+    """Return the mean end-point error (m) of recorded flow vs ground truth: all, dynamic.
+
+    Over valid non-ground points, and over the ground-truth dynamic ones. Residual flow: its EPE
+    equals the AV2-convention EPE (a rigid transform keeps distances).
+    """
     from zeroflow_ros.render import iter_bag_frames
     errs, dyn = [], []
     for fr in iter_bag_frames(flow_bag, gt_root=gt_root):
@@ -152,7 +159,7 @@ def run_demo(sequence: str = 'kitti', out: Path = Path('demo_out'), rate: float 
              sweeps: int = 10, model: str | None = None, node_params: list[str] | None = None,
              beams: int = 32, azimuths: int = 1024, gif: bool = True, render_px: int = 800,
              overwrite: bool = True, on_frame: Callable[[Any], None] | None = None) -> DemoResult:
-    """The whole demo; returns its result (paths, summary figures)."""
+    """Run the whole demo; returns its result (paths, summary figures)."""
     from zeroflow_ros.render import RenderConfig, render
     from zeroflow_ros.replay import ReplayConfig, replay
     if sequence not in SEQUENCES:
@@ -187,14 +194,30 @@ def run_demo(sequence: str = 'kitti', out: Path = Path('demo_out'), rate: float 
     return res
 
 
+def default_rate() -> tuple[float, str]:
+    """Real time with a CUDA GPU; lossless (rate 0) on CPU, where the node is slower than 10 Hz."""
+    try:
+        import torch
+        cuda = bool(torch.cuda.is_available())
+    except ImportError:
+        cuda = False
+    if cuda:
+        return 1.0, 'real time: CUDA GPU found'
+    return 0.0, ('no GPU: every sweep, as fast as the CPU node keeps up; --rate 1.0 replays in real time '
+                 'and drops what the node cannot take')
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = __doc__
     parser.add_argument('--sequence', choices=SEQUENCES, default='kitti',
                         help='kitti: 10 real KITTI sweeps (default); synthetic: simulated, with ground truth')
-    parser.add_argument('--out', type=Path, default=Path('demo_out'), help='output folder (default ./demo_out)')
-    parser.add_argument('--rate', type=float, default=1.0,
-                        help='playback speed (1.0 = the recorded 10 Hz; 0 = as fast as the node keeps up)')
+    parser.add_argument('--out', type=Path, default=Path('demo_out'),
+                        help='output folder (default ./demo_out)')
+    parser.add_argument('--rate', type=float, default=None,
+                        help='playback speed: 1.0 = the recorded 10 Hz (drops what a slow node cannot take), '
+                             '0 = every sweep, as fast as the node keeps up. Default: 1.0 with a CUDA GPU, '
+                             'else 0 (a CPU node is slower than 10 Hz on full 64-beam sweeps)')
     parser.add_argument('--sweeps', type=int, default=10, help='number of sweeps (default 10)')
     parser.add_argument('--model', default=None, help='model for the node (default models/default)')
     parser.add_argument('--node-param', action='append', default=[], metavar='NAME:=VALUE',
@@ -205,9 +228,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from zeroflow_ros.render import RenderError
     from zeroflow_ros.replay import ReplayError, print_frame
-    print(f'zeroflow demo: {args.sequence} sequence -> {args.out} (node log: {args.out}/node.log)', flush=True)
+    rate, why = (args.rate, 'as asked') if args.rate is not None else default_rate()
+    print(f'zeroflow demo: {args.sequence} sequence -> {args.out} at rate {rate:g} ({why}); node log: '
+          f'{args.out}/node.log', flush=True)
     try:
-        res = run_demo(args.sequence, args.out, args.rate, sweeps=args.sweeps, model=args.model,
+        res = run_demo(args.sequence, args.out, rate, sweeps=args.sweeps, model=args.model,
                        node_params=args.node_param, gif=not args.no_gif, on_frame=print_frame)
     except (DemoError, ReplayError, RenderError) as exc:
         print(f'zeroflow demo: {exc}', file=sys.stderr)
@@ -218,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
     print(f'input bag {res.input_bag}, flow bag {res.output_bag}, {len(res.pngs)} PNGs in {args.out}/bev'
           + (f', GIF {res.gif}' if res.gif else ''))
     if res.dropped:
-        print(f'{res.dropped} sweeps dropped: the node is slower than {10 * args.rate:g} Hz on this machine '
+        print(f'{res.dropped} sweeps dropped: the node is slower than {10 * rate:g} Hz on this machine '
               '(try --rate 0 for every sweep, or a GPU backend)')
     print(res.line())
     return 0 if res.flows_out else 1

@@ -140,8 +140,8 @@ def iter_bag_frames(bag: Path, topic: str | None = None, gt_root: Path | None = 
             cands = [t.name for t in info.topics.values()
                      if t.msgtype == 'sensor_msgs/msg/PointCloud2' and t.name.endswith('/output/flow')]
             if len(cands) != 1:
-                raise RenderError(f'{bag}: cannot pick the flow topic ({len(cands)} PointCloud2 topics end in '
-                                  f'/output/flow); pass --topic; the bag has {info.describe_topics()}')
+                raise RenderError(f'{bag}: cannot pick the flow topic ({len(cands)} PointCloud2 topics end '
+                                  f'in /output/flow); pass --topic; the bag has {info.describe_topics()}')
             topic = cands[0]
         gt_index = _gt_index(gt_root) if gt_root else {}
         try:
@@ -179,7 +179,7 @@ def iter_bag_frames(bag: Path, topic: str | None = None, gt_root: Path | None = 
 
 
 def _gt_index(root: Path) -> dict[int, tuple[Any, int, int]]:
-    """stamp -> (AV2Log, ts0, ts1) for every sweep of DATA_ROOT that has a scene_flow file and a successor."""
+    """Map stamp -> (AV2Log, ts0, ts1) for the sweeps of DATA_ROOT with a scene_flow file and a successor."""
     from zeroflow_ros.data.av2 import AV2Log
     out = {}
     for sf in sorted(Path(root).glob('**/scene_flow')):
@@ -207,7 +207,8 @@ def _attach_gt(fr: FlowFrame, log_: Any, ts0: int, ts1: int) -> None:
     fr.gt_dynamic = gt.is_dynamic
 
 
-def iter_prediction_frames(pred_dir: Path, data_root: Path, dynamic_threshold: float = 0.5) -> Iterator[FlowFrame]:
+def iter_prediction_frames(pred_dir: Path, data_root: Path | None,
+                           dynamic_threshold: float = 0.5) -> Iterator[FlowFrame]:
     """Frames of a ``zeroflow predict`` / ``zeroflow label`` folder; points and poses from DATA_ROOT."""
     from zeroflow_ros.core.geometry import av2_to_residual
     from zeroflow_ros.data.av2 import AV2Log, DataError, read_feather
@@ -255,7 +256,8 @@ def iter_prediction_frames(pred_dir: Path, data_root: Path, dynamic_threshold: f
         dyn = tab.column('is_dynamic').to_numpy().astype(bool) if 'is_dynamic' in tab.column_names else \
             speed >= dynamic_threshold
         valid = tab.column('is_valid').to_numpy().astype(bool) if 'is_valid' in tab.column_names else None
-        fr = FlowFrame(f'{log_id}_{ts0}', ts0, pts, flow, speed, dyn, valid, meta={'source': str(f), 'dt': dt})
+        fr = FlowFrame(f'{log_id}_{ts0}', ts0, pts, flow, speed, dyn, valid,
+                       meta={'source': str(f), 'dt': dt})
         if (lg.log_dir / 'scene_flow' / f'{ts0}.feather').is_file():
             _attach_gt(fr, lg, ts0, ts1)
         yield fr
@@ -306,7 +308,8 @@ def _order(speed: np.ndarray) -> np.ndarray:
     return np.argsort(speed, kind='stable')
 
 
-def _arrows(cfg: RenderConfig, points: np.ndarray, flow: np.ndarray, dyn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _arrows(cfg: RenderConfig, points: np.ndarray, flow: np.ndarray,
+            dyn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     r = cfg.range_m
     inside = (np.abs(points[:, 0]) < r) & (np.abs(points[:, 1]) < r)
     idx = np.flatnonzero(dyn & inside)[::cfg.arrow_every]
@@ -317,7 +320,8 @@ def _wheel(fig: Any, rect: tuple[float, float, float, float], max_speed: float) 
     ax = fig.add_axes(rect)
     ax.imshow(wheel_image(101), extent=(-1, 1, -1, 1))
     ax.set_axis_off()
-    ax.text(0, -1.12, f'direction, speed 0-{max_speed:g} m/s', color='white', ha='center', va='top', fontsize=7)
+    ax.text(0, -1.12, f'direction, speed 0-{max_speed:g} m/s', color='white', ha='center', va='top',
+            fontsize=7)
 
 
 def render_frame(fr: FlowFrame, out_png: Path, cfg: RenderConfig) -> Path:
@@ -344,7 +348,8 @@ def render_frame(fr: FlowFrame, out_png: Path, cfg: RenderConfig) -> Path:
             gt_speed = np.linalg.norm(fr.gt_flow.astype(np.float64), axis=1) / dt
             gvalid = fr.gt_valid if fr.gt_valid is not None else np.ones(len(pts), bool)
             gt_speed = np.where(gvalid, gt_speed, 0.0)
-            gdyn = (fr.gt_dynamic if fr.gt_dynamic is not None else gt_speed >= cfg.dynamic_threshold) & gvalid
+            gdyn = fr.gt_dynamic if fr.gt_dynamic is not None else gt_speed >= cfg.dynamic_threshold
+            gdyn = gdyn & gvalid
             ax2 = fig.add_axes((1 / 3, 0, 1 / 3, 1))
             _draw_bev(ax2, cfg, pts, flow_colors(fr.gt_flow, gt_speed, cfg.max_speed), _order(gt_speed),
                       _arrows(cfg, pts, fr.gt_flow, gdyn))
@@ -423,20 +428,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('input', type=Path, metavar='INPUT', help='recorded flow bag, or predictions folder')
     parser.add_argument('--out', type=Path, required=True, help='output folder for the PNGs (and GIF)')
     parser.add_argument('--gt', type=Path, default=None, metavar='DATA_ROOT',
-                        help='AV2-layout data root: points of a predictions folder, ground truth when present')
-    parser.add_argument('--topic', default=None, help='flow topic of the bag (default: the one ending in /output/flow)')
+                        help='AV2-layout data root: points of a predictions folder, ground truth when '
+                             'present')
+    parser.add_argument('--topic', default=None,
+                        help='flow topic of the bag (default: the one ending in /output/flow)')
     parser.add_argument('--gif', action='store_true', help='also write DIR/flow.gif')
-    parser.add_argument('--range', type=float, default=40.0, dest='range_m', help='half width of the view (m)')
+    parser.add_argument('--range', type=float, default=40.0, dest='range_m',
+                        help='half width of the view (m)')
     parser.add_argument('--px', type=int, default=800, help='pixels per panel side (default 800)')
     parser.add_argument('--max-speed', type=float, default=10.0, help='speed at full colour (m/s)')
     parser.add_argument('--arrow-every', type=int, default=20, help='arrow for every n-th dynamic point')
-    parser.add_argument('--arrow-scale', type=float, default=5.0, help='arrow length = scale x per-sweep flow')
+    parser.add_argument('--arrow-scale', type=float, default=5.0,
+                        help='arrow length = scale x per-sweep flow')
     parser.add_argument('--every', type=int, default=1, help='render every n-th frame')
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = RenderConfig(range_m=args.range_m, px=args.px, max_speed=args.max_speed, arrow_every=args.arrow_every,
-                       arrow_scale=args.arrow_scale)
+    cfg = RenderConfig(range_m=args.range_m, px=args.px, max_speed=args.max_speed,
+                       arrow_every=args.arrow_every, arrow_scale=args.arrow_scale)
     try:
         res = render(args.input, args.out, cfg, topic=args.topic, gt_root=args.gt, gif=args.gif,
                      every=max(1, args.every))

@@ -152,7 +152,8 @@ def iter_messages(bag: Path, topic: str, odom_msgs: list[BagMessage]) -> Iterato
     pending = sorted(odom_msgs, key=lambda m: (m.log_ns, m.stamp_ns))
     i = 0
     for cloud in _raw(bag, topic, 'cloud'):
-        while i < len(pending) and (pending[i].log_ns <= cloud.log_ns or pending[i].stamp_ns <= cloud.stamp_ns):
+        while i < len(pending) and (pending[i].log_ns <= cloud.log_ns
+                                    or pending[i].stamp_ns <= cloud.stamp_ns):
             yield pending[i]
             i += 1
         yield cloud
@@ -237,8 +238,13 @@ class ReplaySummary:
     def line(self) -> str:
         node = self._pct(self.node_total_ms, 50)
         dev = f'/{self.device}' if self.device else ''
+        d = self.node_diagnostics
+        node_side = ''
+        if self.dropped and d:
+            node_side = (f" (node: received {d.get('messages_received', '?')}, dropped stale "
+                         f"{d.get('dropped_stale', '?')}, pair resets {d.get('resets.gap', 0)})")
         return (f'replay: sweeps in {self.sweeps_in}, flows out {self.flows_out}/{self.expected}, '
-                f'dropped {self.dropped}, frame timeouts {self.frame_timeouts}, '
+                f'dropped {self.dropped}{node_side}, frame timeouts {self.frame_timeouts}, '
                 f'latency p50 {self.latency_p50:.1f} ms p99 {self.latency_p99:.1f} ms '
                 f'(node total p50 {node:.1f} ms), backend {self.backend}{dev}'
                 + (', bag truncated' if self.truncated else ''))
@@ -257,14 +263,15 @@ def find_fastdds_profile() -> Path | None:
     candidates = []
     with contextlib.suppress(Exception):
         from ament_index_python.packages import get_package_share_directory
-        candidates.append(Path(get_package_share_directory('zeroflow_ros')) / 'config' / 'fastdds_large_data.xml')
+        share = Path(get_package_share_directory('zeroflow_ros'))
+        candidates.append(share / 'config' / 'fastdds_large_data.xml')
     candidates.append(Path(__file__).resolve().parent.parent / 'config' / 'fastdds_large_data.xml')
     candidates.append(Path(sys.prefix) / 'share' / 'zeroflow_ros' / 'config' / 'fastdds_large_data.xml')
     return next((c for c in candidates if c.is_file()), None)
 
 
 def node_command(cfg: ReplayConfig) -> list[str]:
-    """The ``zeroflow node`` command line the replay starts."""
+    """Return the ``zeroflow node`` command line the replay starts."""
     cmd = [sys.executable, '-m', 'zeroflow_ros.cli', 'node']
     if cfg.params_file:
         cmd += ['--params-file', str(cfg.params_file)]
@@ -433,7 +440,6 @@ def _replay_in_context(cfg: ReplayConfig, ctx: Any, odom_msgs: list[BagMessage],
     lock = threading.Lock()
     clock_ns = [0]  # the replay clock (bag time), log time of recorded messages
     flows: dict[int, tuple[float, int, int]] = {}  # stamp -> (recv wall time, points, dynamic)
-    node_total: dict[int, float] = {}
     debug_order: list[float] = []
     diag: dict[str, str] = {}
     flow_event = threading.Event()
@@ -474,7 +480,8 @@ def _replay_in_context(cfg: ReplayConfig, ctx: Any, odom_msgs: list[BagMessage],
         return cb
 
     reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
-    best_effort = QoSProfile(depth=10, reliability=ReliabilityPolicy.BEST_EFFORT, history=HistoryPolicy.KEEP_LAST)
+    best_effort = QoSProfile(depth=10, reliability=ReliabilityPolicy.BEST_EFFORT,
+                             history=HistoryPolicy.KEEP_LAST)
     # Subscriptions before publishers: once the node has subscribed to our cloud publisher it
     # has also discovered these readers (announced earlier), so it never skips a frame for want
     # of subscribers.
@@ -483,7 +490,8 @@ def _replay_in_context(cfg: ReplayConfig, ctx: Any, odom_msgs: list[BagMessage],
     node.create_subscription(DiagnosticArray, '/diagnostics', on_diag, reliable)
     for key in DEBUG_TOPICS:
         node.create_subscription(Float64, f'/{name}/debug/{key}_ms', on_debug(key), best_effort)
-    clock_pub = node.create_publisher(Clock, '/clock', QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE))
+    clock_pub = node.create_publisher(Clock, '/clock',
+                                      QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE))
     cloud_pub = node.create_publisher(PointCloud2, cfg.topic, QoSProfile(
         depth=1, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST))
     odom_pub = node.create_publisher(Odometry, cfg.odom, QoSProfile(depth=100)) if cfg.odom else None
@@ -508,7 +516,8 @@ def _replay_in_context(cfg: ReplayConfig, ctx: Any, odom_msgs: list[BagMessage],
                 return pred()
             return check
 
-        waits = [(flow_sub, 'get_publisher_count', flow_topic), (marker_sub, 'get_publisher_count', marker_topic),
+        waits = [(flow_sub, 'get_publisher_count', flow_topic),
+                 (marker_sub, 'get_publisher_count', marker_topic),
                  (cloud_pub, 'get_subscription_count', cfg.topic)]
         if node_proc is not None:
             # Our own node: it follows /clock, and subscribes to odometry only with --odom.
@@ -617,8 +626,10 @@ def _replay_in_context(cfg: ReplayConfig, ctx: Any, odom_msgs: list[BagMessage],
             nxt = stamps[i + 1] if i + 1 < len(stamps) else None
             lat = (t_recv - sent_at[nxt]) * 1e3 if nxt is not None else float('nan')
             k = len(summary.frames)
-            # Debug timings carry no stamp: pair them by order only when none was lost (best effort).
-            node_ms = totals[k] if len(totals) == len(got) else float('nan')
+            # Debug timings carry no stamp; pair them by order. When some are missing it is the
+            # first ones (sent before the node's best-effort writer matched us): align from the end.
+            j = k - (len(got) - len(totals))
+            node_ms = totals[j] if 0 <= j < len(totals) and len(totals) <= len(got) else float('nan')
             fr = FrameResult(i, stamp, npts, ndyn, lat, node_ms)
             summary.frames.append(fr)
             summary.latencies_ms.append(lat)
@@ -664,7 +675,7 @@ def _backend_from_log(text: str) -> tuple[str, str]:
 
 
 def _count_dynamic(msg: Any) -> int:
-    """Number of points with is_dynamic set (0 when the field is missing)."""
+    """Count the points with is_dynamic set (0 when the field is missing)."""
     from zeroflow_ros.core import pointcloud2 as pc2
     try:
         cloud = pc2.decode(msg, extra_fields=('is_dynamic',))
@@ -683,7 +694,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--odom', default=None, help='nav_msgs/Odometry topic of the bag: the node then '
                         'uses it for ego motion (default: the node\'s own lidar odometry)')
     parser.add_argument('--rate', type=float, default=1.0,
-                        help='playback speed factor (default 1.0); 0 = as fast as the node keeps up, lossless')
+                        help='playback speed factor (default 1.0); 0 = as fast as the node keeps up, '
+                             'lossless')
     parser.add_argument('--record', type=Path, default=None, help='write the node outputs to OUT.mcap')
     parser.add_argument('--no-node', action='store_true', help='feed an already running node instead of '
                         'starting one (it must use use_sim_time:=true and read --topic)')
