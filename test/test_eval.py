@@ -397,6 +397,7 @@ def _corrupt(src: Path, dst: Path, fn) -> Path:
     ('missing', 'prediction missing'),
     ('rows', r'rows, expected \d+ \(one per lidar point\)'),
     ('nan', 'NaN/inf flow'),
+    ('nan_unscored', 'rows have NaN/inf flow'),
     ('column', r"missing columns \['flow_ty_m'\]"),
     ('dtype', 'is_dynamic must be bool'),
     ('garbage', 'cannot read as feather'),
@@ -417,6 +418,9 @@ def test_bad_predictions_name_the_file(synth, tmp_path, kind, match):
         elif kind == 'nan':
             mask = (df.index.to_numpy() % 7) == 0
             df.loc[mask, 'flow_tx_m'] = np.nan
+        elif kind == 'nan_unscored':      # a ground point (never scored) with NaN flow: still an error
+            pts = pd.read_feather(synth / 'data' / 'val' / f.parent.name / 'sensors' / 'lidar' / f.name)
+            df.loc[np.flatnonzero(pts.z.to_numpy() <= -1.5)[:1], 'flow_tz_m'] = np.nan
         elif kind == 'column':
             df = df.drop(columns=['flow_ty_m'])
         elif kind == 'dtype':

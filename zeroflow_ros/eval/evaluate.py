@@ -102,12 +102,13 @@ class PredictionSource:
             self._zip.close()
 
 
-def parse_prediction(table, where: str, n_points: int,
-                     eval_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def parse_prediction(table, where: str, n_points: int, eval_mask: np.ndarray,
+                     finite_points: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Validate a prediction table; returns (flow (N,3) float64, is_dynamic (N,)) over all N points.
 
     Accepts one row per lidar point, or one row per evaluated point (challenge format); rows outside
-    the mask of the second form are filled with NaN (never scored).
+    the mask of the second form are filled with NaN (never scored). NaN/inf flow is an error on every
+    row whose lidar point is finite (``finite_points``; all rows when not given), scored or not.
     """
     names = table.column_names
     missing = [c for c in FLOW_COLUMNS + ('is_dynamic',) if c not in names]
@@ -135,9 +136,12 @@ def parse_prediction(table, where: str, n_points: int,
     else:
         raise EvalError(f'{where}: {rows} rows, expected {n_points} (one per lidar point) or {n_eval} '
                         '(one per evaluated point)')
-    bad = ~np.isfinite(full_flow[eval_mask]).all(axis=1)
+    check = eval_mask.copy()
+    if rows == n_points:
+        check |= np.ones(n_points, bool) if finite_points is None else finite_points
+    bad = ~np.isfinite(full_flow[check]).all(axis=1)
     if bad.any():
-        raise EvalError(f'{where}: {int(bad.sum())} evaluated rows have NaN/inf flow')
+        raise EvalError(f'{where}: {int(bad.sum())} rows have NaN/inf flow (only non-finite points may)')
     return full_flow, full_dyn
 
 
@@ -259,7 +263,8 @@ class PairScore:
 def score_pair(p: EvalPair, src: PredictionSource) -> PairScore:
     """Three-way rows and bucketed sums of one pair (its prediction read and checked first)."""
     where = src.where(p.log_id, p.ts0)
-    flow, dyn = parse_prediction(src.read(p.log_id, p.ts0), where, len(p.points0), p.eval_mask)
+    flow, dyn = parse_prediction(src.read(p.log_id, p.ts0), where, len(p.points0), p.eval_mask,
+                                 np.isfinite(p.points0).all(axis=1))
     m = p.eval_mask
     buck = BucketedAccumulator()
     try:
