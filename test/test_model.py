@@ -9,8 +9,8 @@ import torch
 
 from zeroflow_ros.core.voxelize import PillarGrid, VoxelizeError, pillar_centers, pillarize
 from zeroflow_ros.model import (
-    MODEL_CONFIGS, FastFlow3D, FastFlow3DConfig, ModelError, build_model, collate_pillars, get_config,
-    load_checkpoint, predict_flow, save_checkpoint)
+    MODEL_CONFIGS, FastFlow3D, FastFlow3DConfig, ModelError, build_model, collate_pillars, dense_macs,
+    get_config, load_checkpoint, predict_flow, save_checkpoint)
 
 TINY = FastFlow3DConfig(name='tiny', point_cloud_range=(-6.4, -3.2, -2.0, 6.4, 3.2, 2.0), pillar_size=0.4,
                         embed_channels=8, stage_channels=(8, 16), stage_blocks=(1, 2), head_hidden=16)
@@ -94,6 +94,23 @@ def test_paper_config_matches_zeroflow_size():
     n = FastFlow3D(cfg).num_parameters()
     assert 6.7e6 < n < 6.9e6, n  # ZeroFlow's FastFlow3D is ~6.8 M parameters
     assert set(MODEL_CONFIGS) >= {'paper', 'cpu_small'}
+
+
+def test_cpu_small_is_at_least_20x_cheaper_and_the_cost_model_is_exact():
+    # reference: count the MACs of every Conv2d in an actual forward pass
+    model = FastFlow3D(TINY).eval()
+    macs = []
+
+    def count(mod, inputs, out):
+        macs.append(out.numel() * mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1])
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(count)
+    pts, idx = torch.zeros(4, 3), torch.zeros(4, dtype=torch.long)
+    with torch.no_grad():
+        model(pts, idx, pts, idx)
+    assert dense_macs(TINY) == sum(macs)
+    assert dense_macs(get_config('paper')) / dense_macs(get_config('cpu_small')) >= 20
 
 
 # --- network ----------------------------------------------------------------------------------
