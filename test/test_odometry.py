@@ -77,3 +77,23 @@ def test_api_and_bad_input():
         LidarOdometry(OdometryConfig(min_range=5, max_range=1))
     odo.reset()
     assert odo.poses == [] and odo.last_motion() is None
+
+
+def test_kitti_ego_compensation_aligns_far_static_structure():
+    """Odometry + prepare_pair conventions on real data: sweep t+1 brought into ego0 with the estimate
+    lines up with sweep t far from the sensor (buildings), better than without it or with the inverse."""
+    from scipy.spatial import cKDTree
+
+    from zeroflow_ros.core.preprocess import PreprocessConfig, prepare_pair
+    s0, s1 = [s for _, s in zip(range(2), iter_sweeps(SAMPLES / 'kitti_raw_sfnd_seq'))]
+    _, rel = ego_motion_sequence([(s0.points, s0.stamp_ns), (s1.points, s1.stamp_ns)], CFG)
+    cfg = PreprocessConfig(ground='geometric')
+
+    def far_residual(T):
+        pair = prepare_pair(s0.points, s1.points, T, cfg)
+        far = np.hypot(pair.pc0[:, 0], pair.pc0[:, 1]) > 20
+        return float(np.median(cKDTree(pair.pc1).query(pair.pc0[far])[0]))
+
+    est = far_residual(rel[0])
+    assert est < 0.6 * far_residual(np.eye(4))
+    assert est < far_residual(np.linalg.inv(rel[0]))
