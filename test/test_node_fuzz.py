@@ -276,6 +276,17 @@ def test_fuzz_then_good_pair(node_env):
     assert values['errors_total'] == str(sum(expected.values()))
     assert values['errors.decode'] == str(expected['decode']) and values['clipped'] == '1'
 
+    # only errors for longer than error_after_s: ERROR 'failing'
+    from rclpy.parameter import Parameter
+    assert node.set_parameters([Parameter('error_after_s', value=0.1)])[0].successful
+    stamp += 100_000_000
+    send(node, pub, malformed(f, 'missing_field', stamp)[0])
+    time.sleep(0.15)
+    send(node, pub, malformed(f, 'garbage', stamp)[0])
+    st = node.diagnostic_status()
+    assert st.level == b'\x02' and st.message.startswith('failing'), st.message
+    node.set_parameters([Parameter('error_after_s', value=5.0)])
+
     # the node still answers a good pair correctly (a gap first, so the pair starts fresh)
     n_flows = len(flows)
     p0 = rng.uniform([-40, -40, -2], [40, 40, 3], (5000, 3)).astype(np.float32)
@@ -300,7 +311,7 @@ def test_fuzz_then_good_pair(node_env):
     xyz = np.stack([raw[:, off[k]:off[k] + 4].copy().view('<f4').ravel() for k in 'xyz'], 1)
     assert np.array_equal(xyz, p0)
     assert np.abs(got - ref).max() <= 1e-5
-    assert node.diagnostic_status().level in (b'\x00', b'\x01')  # recovered: not ERROR
+    assert node.diagnostic_status().level in (b'\x00', b'\x01')  # recovered: no longer ERROR
 
 
 class SlowBackend:

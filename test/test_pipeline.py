@@ -97,6 +97,18 @@ def test_pose_buffer_matches_scipy_slerp_and_lerp():
     assert buf.interpolate(-1) is None and buf.interpolate(300_000_001) is None
 
 
+def test_pose_buffer_waits_for_late_odometry():
+    import threading
+    buf = PoseBuffer()
+    buf.add(0, (0, 0, 0), (1, 0, 0, 0))
+    timer = threading.Timer(0.05, lambda: buf.add(200, (2, 0, 0), (1, 0, 0, 0)))
+    timer.start()
+    T = buf.wait_for(100, timeout_s=5.0)  # the cloud came before the odometry that covers it
+    timer.join()
+    assert T is not None and np.allclose(T[:3, 3], (1, 0, 0))
+    assert buf.wait_for(300, timeout_s=0.05) is None
+
+
 def test_pose_buffer_extrinsic_and_loop_reset():
     base_T_sensor = geometry.yaw_transform(0.3, (1.2, 0.0, 1.8))
     buf = PoseBuffer(base_T_sensor=base_T_sensor)
