@@ -1,0 +1,212 @@
+"""zeroflow replay: a synthetic sequence bag through a real `zeroflow node` process over DDS.
+
+* --rate 1.0 and --rate 0: exactly one flow per sweep after the first, recorded in a new mcap bag
+  that reads back with rosbags and with the plain mcap reader; the flow clouds carry the input
+  points unchanged (checked against the input bag) and the input stamps.
+* bad bags: unknown topic, wrong type, empty, not a bag, truncated (replays up to the break).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip('rclpy')
+
+SWEEPS = 4
+SPACING_NS = 300_000_000  # 3.3 Hz: a loaded CI core still keeps up at --rate 1.0 (gap limit 0.35 s)
+
+
+def tiny_model(path: Path) -> Path:
+    """Randomly initialised, very small FastFlow3D: fast on one CPU core."""
+    import torch
+
+    from zeroflow_ros.model import build_model, get_config, save_checkpoint
+    torch.manual_seed(0)
+    cfg = get_config('cpu_small', pillar_size=0.8, embed_channels=8, stage_channels=(8, 16),
+                     stage_blocks=(1, 1), head_hidden=8)
+    return save_checkpoint(path, build_model(cfg))
+
+
+@pytest.fixture(scope='module')
+def assets(tmp_path_factory):
+    from zeroflow_ros.data.av2 import list_logs
+    from zeroflow_ros.data.bag import records_from_av2_log, write_bag
+    from zeroflow_training.data.synth import make_tiny_dataset
+    tmp = tmp_path_factory.mktemp('replay')
+    root = make_tiny_dataset(tmp / 'synth', logs=1, sweeps=SWEEPS, beams=8, azimuths=400)
+    log_dir = list_logs(root, 'val')[0].log_dir
+    recs = list(records_from_av2_log(log_dir))
+    t0 = recs[0].stamp_ns
+    for k, r in enumerate(recs):
+        r.stamp_ns = t0 + k * SPACING_NS
+    bag, n = write_bag(tmp / 'in.mcap', recs, topic='/lidar', odom_topic='/odom')
+    assert n == SWEEPS
+    return {'bag': bag, 'records': recs, 'model': tiny_model(tmp / 'model.pt'), 'tmp': tmp}
+
+
+def _replay(assets, rate: float, name: str):
+    from zeroflow_ros.replay import ReplayConfig, replay
+    cfg = ReplayConfig(bag=assets['bag'], topic='/lidar', odom='/odom', rate=rate,
+                       record=assets['tmp'] / f'{name}.mcap', node_name=name,
+                       node_params=[f'model:={assets["model"]}', 'backend:=torch', 'device:=cpu',
+                                    'warmup_iterations:=1', 'latency_budget_ms:=10000.0'],
+                       timeout=90.0, frame_timeout=30.0, node_log=assets['tmp'] / f'{name}.log')
+    return replay(cfg)
+
+
+def _xyz(msg) -> np.ndarray:
+    """x, y, z of a PointCloud2 read with plain numpy (not the codec under test)."""
+    offs = {f.name: f.offset for f in msg.fields}
+    raw = np.frombuffer(bytes(msg.data), np.uint8).reshape(-1, msg.point_step)
+    return np.stack([raw[:, offs[c]:offs[c] + 4].copy().view('<f4').reshape(-1) for c in 'xyz'], axis=1)
+
+
+def _check_recording(assets, summary, name: str) -> None:
+    from mcap.reader import make_reader
+    from rosbags.rosbag2 import Reader
+
+    from zeroflow_ros.data.bag import typestore
+    recs = assets['records']
+    assert summary.sweeps_in == SWEEPS
+    assert summary.expected == SWEEPS - 1
+    assert summary.flows_out == SWEEPS - 1, summary.line()
+    assert summary.dropped == 0 and summary.frame_timeouts == 0
+    assert all(np.isfinite(summary.latencies_ms)) and min(summary.latencies_ms) > 0
+    assert summary.backend == 'torch' and summary.device == 'cpu'
+    assert f'flows out {SWEEPS - 1}/{SWEEPS - 1}' in summary.line()
+
+    flow_topic = f'/{name}/output/flow'
+    ts = typestore()
+    flows = []
+    with Reader(summary.record) as reader:
+        types = {c.topic: c.msgtype for c in reader.connections}
+        assert types[flow_topic] == 'sensor_msgs/msg/PointCloud2'
+        assert types[f'/{name}/output/flow_markers'] == 'visualization_msgs/msg/Marker'
+        assert types['/diagnostics'] == 'diagnostic_msgs/msg/DiagnosticArray'
+        assert types[f'/{name}/debug/total_ms'] == 'std_msgs/msg/Float64'
+        conns = [c for c in reader.connections if c.topic == flow_topic]
+        for conn, _, raw in reader.messages(connections=conns):
+            flows.append(ts.deserialize_cdr(raw, conn.msgtype))
+    assert len(flows) == SWEEPS - 1
+    for k, msg in enumerate(flows):
+        stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+        assert stamp == recs[k].stamp_ns
+        assert {'flow_x', 'flow_y', 'flow_z', 'speed', 'is_dynamic'} <= {f.name for f in msg.fields}
+        np.testing.assert_array_equal(_xyz(msg), recs[k].points.astype(np.float32))
+
+    # The same file through the plain mcap reader: ros2msg schemas, cdr messages.
+    files = list(Path(summary.record).glob('*.mcap'))
+    assert len(files) == 1 and (Path(summary.record) / 'metadata.yaml').is_file()
+    with open(files[0], 'rb') as fh:
+        r = make_reader(fh)
+        n = 0
+        for schema, channel, message in r.iter_messages(topics=[flow_topic]):
+            assert schema.name == 'sensor_msgs/msg/PointCloud2' and schema.encoding == 'ros2msg'
+            assert channel.message_encoding == 'cdr'
+            n += 1
+    assert n == SWEEPS - 1
+
+
+def test_replay_rate_1_records_one_flow_per_sweep(ros_domain, assets):
+    summary = _replay(assets, 1.0, 'zf_replay_rt')
+    _check_recording(assets, summary, 'zf_replay_rt')
+    # Real-time pacing: the sweeps went out over about (SWEEPS-1) x 0.3 s, not at once.
+    assert summary.wall_s >= (SWEEPS - 1) * SPACING_NS / 1e9
+
+
+def test_replay_rate_0_lossless(ros_domain, assets):
+    summary = _replay(assets, 0.0, 'zf_replay_max')
+    _check_recording(assets, summary, 'zf_replay_max')
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+def test_bad_topics_list_the_bag(assets):
+    from zeroflow_ros.replay import ReplayConfig, ReplayError, replay
+    with pytest.raises(ReplayError, match=r"'/nope' is not in the bag.*/lidar \[sensor_msgs/msg/PointCloud2, 4"):
+        replay(ReplayConfig(bag=assets['bag'], topic='/nope'))
+    with pytest.raises(ReplayError, match=r"'/odom' has type nav_msgs/msg/Odometry, expected "
+                                          r"sensor_msgs/msg/PointCloud2.*/lidar"):
+        replay(ReplayConfig(bag=assets['bag'], topic='/odom'))
+    with pytest.raises(ReplayError, match=r"--odom '/lidar' has type sensor_msgs/msg/PointCloud2"):
+        replay(ReplayConfig(bag=assets['bag'], topic='/lidar', odom='/lidar'))
+    with pytest.raises(ReplayError, match='--rate'):
+        ReplayConfig(bag=assets['bag'], rate=-1)
+
+
+def test_empty_and_not_a_bag(tmp_path):
+    from rosbags.rosbag2 import StoragePlugin, Writer
+
+    from zeroflow_ros.data.bag import typestore
+    from zeroflow_ros.replay import ReplayConfig, ReplayError, replay
+    w = Writer(tmp_path / 'empty', version=Writer.VERSION_LATEST, storage_plugin=StoragePlugin.MCAP)
+    w.open()
+    w.add_connection('/lidar', 'sensor_msgs/msg/PointCloud2', typestore=typestore())
+    w.close()
+    with pytest.raises(ReplayError, match='empty|no messages'):
+        replay(ReplayConfig(bag=tmp_path / 'empty'))
+    junk = tmp_path / 'junk.mcap'
+    junk.write_bytes(b'not an mcap file at all' * 10)
+    with pytest.raises(ReplayError, match='cannot open'):
+        replay(ReplayConfig(bag=junk))
+    with pytest.raises(ReplayError, match='not found'):
+        replay(ReplayConfig(bag=tmp_path / 'missing.mcap'))
+
+
+def test_truncated_bag_replays_up_to_the_break(tmp_path):
+    from zeroflow_ros.data.bag import CloudRecord, write_bag
+    from zeroflow_ros.replay import iter_messages, open_bag
+    rng = np.random.default_rng(0)
+    # 1.6 MB clouds: larger than an mcap chunk, so a cut file still holds whole chunks before the break.
+    recs = [CloudRecord(10**9 + k * 10**8, rng.normal(size=(100_000, 3)).astype(np.float32), {})
+            for k in range(5)]
+    bag, _ = write_bag(tmp_path / 'full.mcap', recs)
+    src = next(bag.glob('*.mcap'))
+    full = list(iter_messages(bag, '/lidar', []))
+    assert [m.stamp_ns for m in full] == [r.stamp_ns for r in recs]
+    cut = tmp_path / 'cut'
+    cut.mkdir()
+    data = src.read_bytes()
+    (cut / src.name).write_bytes(data[:int(len(data) * 0.6)])
+    _, odom, n_listed = open_bag(cut / src.name, '/lidar', None)
+    part = list(iter_messages(cut / src.name, '/lidar', odom))
+    assert 1 <= len(part) < len(full)
+    for a, b in zip(part, full):
+        assert a.raw == b.raw and a.stamp_ns == b.stamp_ns
+
+
+def test_stamp_from_cdr_matches_rosbags(assets):
+    from rosbags.rosbag2 import Reader
+
+    from zeroflow_ros.data.bag import typestore
+    from zeroflow_ros.replay import _stamp_from_cdr
+    ts = typestore()
+    with Reader(assets['bag']) as r:
+        for conn, _, raw in r.messages():
+            msg = ts.deserialize_cdr(raw, conn.msgtype)
+            assert _stamp_from_cdr(raw, conn.msgtype) == msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
+
+
+def test_no_node_times_out_naming_the_topic(ros_domain, assets):
+    from zeroflow_ros.replay import ReplayConfig, ReplayError, replay
+    with pytest.raises(ReplayError, match=r'no publisher on /nobody/output/flow'):
+        replay(ReplayConfig(bag=assets['bag'], no_node=True, node_name='nobody', timeout=1.0))
+
+
+def test_cli_reports_bad_topic(assets, capsys):
+    from zeroflow_ros.cli import main
+    assert main(['replay', str(assets['bag']), '--topic', '/nope']) == 2
+    err = capsys.readouterr().err
+    assert '/nope' in err and '/lidar [sensor_msgs/msg/PointCloud2' in err
+
+
+def test_node_command(tmp_path):
+    from zeroflow_ros.replay import ReplayConfig, node_command
+    cmd = node_command(ReplayConfig(bag=tmp_path, topic='/points', odom='/odom', node_name='zf',
+                                    node_params=['backend:=torch']))
+    i = cmd.index('--ros-args')
+    assert cmd[i:] == ['--ros-args', '-r', '__node:=zf', '-r', '~/input/pointcloud:=/points',
+                       '-p', 'use_sim_time:=true', '-p', 'ego_motion:=odometry',
+                       '-r', '~/input/odometry:=/odom', '-p', 'backend:=torch']
