@@ -125,7 +125,8 @@ def test_replay_rate_0_lossless(ros_domain, assets):
 
 def test_bad_topics_list_the_bag(assets):
     from zeroflow_ros.replay import ReplayConfig, ReplayError, replay
-    with pytest.raises(ReplayError, match=r"'/nope' is not in the bag.*/lidar \[sensor_msgs/msg/PointCloud2, 4"):
+    with pytest.raises(ReplayError,
+                       match=r"'/nope' is not in the bag.*/lidar \[sensor_msgs/msg/PointCloud2, 4"):
         replay(ReplayConfig(bag=assets['bag'], topic='/nope'))
     with pytest.raises(ReplayError, match=r"'/odom' has type nav_msgs/msg/Odometry, expected "
                                           r"sensor_msgs/msg/PointCloud2.*/lidar"):
@@ -186,7 +187,8 @@ def test_stamp_from_cdr_matches_rosbags(assets):
     with Reader(assets['bag']) as r:
         for conn, _, raw in r.messages():
             msg = ts.deserialize_cdr(raw, conn.msgtype)
-            assert _stamp_from_cdr(raw, conn.msgtype) == msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
+            stamp = msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
+            assert _stamp_from_cdr(raw, conn.msgtype) == stamp
 
 
 def test_no_node_times_out_naming_the_topic(ros_domain, assets):
