@@ -36,6 +36,7 @@ import numpy as np
 import rclpy
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType,
                                 SetParametersResult)
+from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -216,7 +217,7 @@ class ZeroFlowNode(Node):
         self._seq = 0          # messages received (callback side)
         self._used_seq = 0     # newest message fed to the pipeline (worker side)
         self._warn_times: dict[str, float] = {}
-        self._started = time.monotonic()
+        self._busy = False     # the worker holds a message
 
         base_T_sensor = np.eye(4)
         base_T_sensor[:3, :3] = _rpy_matrix(*v['sensor_in_base_rpy'])
@@ -366,8 +367,6 @@ class ZeroFlowNode(Node):
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.001)
-
-    _busy = False
 
     def _has_subscribers(self) -> bool:
         return (self._flow_pub.get_subscription_count() > 0
@@ -639,7 +638,8 @@ def spin_node(ros_args: list[str]) -> int:
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
-    except ValueError as exc:  # PipelineError, BackendError, ManifestError: bad parameters or model
+    except (ValueError, ParameterException) as exc:
+        # PipelineError / BackendError / ManifestError (model, values) or rclpy's type/range checks
         logging.getLogger(NODE_NAME).error('zeroflow_node cannot start: %s', exc)
         return 1
     finally:
