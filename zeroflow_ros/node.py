@@ -218,6 +218,7 @@ class ZeroFlowNode(Node):
         self._used_seq = 0     # newest message fed to the pipeline (worker side)
         self._warn_times: dict[str, float] = {}
         self._busy = False     # the worker holds a message
+        self._idle = False     # the last message was skipped: nobody subscribes
 
         base_T_sensor = np.eye(4)
         base_T_sensor[:3, :3] = _rpy_matrix(*v['sensor_in_base_rpy'])
@@ -379,8 +380,10 @@ class ZeroFlowNode(Node):
                     self.pipeline.reset('no_subscribers')
                 with self._lock:
                     self.stats.skipped_no_subscribers += 1
+                    self._idle = True
                 self._used_seq = seq
                 return
+            self._idle = False
             t0 = time.perf_counter()
             used_pred = False
             if pred is not None and pred[0] > self._used_seq and self._p('pair_consecutive'):
@@ -564,6 +567,8 @@ class ZeroFlowNode(Node):
         level, message = 0, 'OK'
         if received == 0:
             message = 'waiting for first frame'
+        elif self._idle:
+            message = 'idle: nobody subscribes to the outputs (skip_when_no_subscribers)'
         elif failing_for > error_after and last_err_time > last_ok:
             level, message = 2, f'failing for {failing_for:.1f} s: {last_error}'
         elif over_for > error_after:
