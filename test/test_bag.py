@@ -306,6 +306,12 @@ def test_odometry_interpolation():
     assert track.at(100 - zbag.ODOM_TOLERANCE_NS - 1) is None
 
 
+def test_cli_synth_delegates_to_training_package():
+    from zeroflow_ros.cli import build_parser
+    args = build_parser('data').parse_args(['data', 'synth', 'OUT', '--sequences', '3'])
+    assert args.data_command == 'synth' and args.sequences == 3 and str(args.out) == 'OUT'
+
+
 def test_cli_to_bag_and_info(small_log, tmp_path, capsys):
     from zeroflow_ros.cli import main
     assert main(['data', 'to-bag', str(small_log.parent), str(tmp_path / 'x.mcap'), '--frame-id', 'ego']) == 0
