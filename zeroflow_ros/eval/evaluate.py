@@ -4,8 +4,9 @@
 lidar point of sweep t), or is an AV2 submission archive / folder in the challenge format (one row per
 point of the evaluation mask, float16 flow). Every sweep t of every log of ``DATA_ROOT/<split>`` that
 has a successor is evaluated (``--every 5`` takes every 5th pair of the split, in (log_id, timestamp)
-order, as the AV2 leaderboard's ``get_eval_subset``); a missing or malformed
-prediction is an error naming the file, never a partial score.
+order, as the AV2 leaderboard's ``get_eval_subset``; ``--masks MASKS.zip`` takes exactly the sweeps
+and masks of an official mask archive). A missing or malformed prediction is an error naming the
+file, never a partial score. ``--workers N`` scores pairs in N processes (same result).
 
 Per pair, as the official pipeline (``make_mask_files`` + ``make_annotation_files`` + ``eval``):
 

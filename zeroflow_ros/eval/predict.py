@@ -366,7 +366,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--backend', default='auto', choices=('auto', 'tensorrt', 'onnxruntime', 'torch'))
     parser.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'))
     parser.add_argument('--ground', default='auto', choices=('auto', 'map', 'geometric', 'none'),
-                        help='ground removal before estimation: map raster when present (auto), ...')
+                        help='ground removal before estimation: auto = the map raster when the log has one, '
+                        'else geometric (default)')
     parser.add_argument('--out', required=True, type=Path, help='output folder <log_id>/<ts>.feather')
     parser.add_argument('--submission', type=Path, metavar='MASKS.zip',
                         help='also write the AV2 challenge archive OUT.zip using this mask archive')
