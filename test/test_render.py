@@ -162,7 +162,8 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(RenderError, match='no <log_id>/<ts_ns>.feather'):
         render(tmp_path / 'empty', tmp_path / 'o')
     bag, _ = write_bag(tmp_path / 'in.mcap', [CloudRecord(10**9, np.zeros((5, 3), np.float32), {})])
-    with pytest.raises(RenderError, match=r'cannot pick the flow topic.*/lidar \[sensor_msgs/msg/PointCloud2'):
+    with pytest.raises(RenderError,
+                       match=r'cannot pick the flow topic.*/lidar \[sensor_msgs/msg/PointCloud2'):
         render(bag, tmp_path / 'o')
     with pytest.raises(RenderError, match=r"lacks fields \['flow_x', 'flow_y', 'flow_z'\]"):
         render(bag, tmp_path / 'o', topic='/lidar')
