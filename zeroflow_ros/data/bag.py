@@ -4,16 +4,17 @@ Reading: ``sensor_msgs/msg/PointCloud2`` on one topic, optionally ``nav_msgs/msg
 another, into the pair shape of :mod:`zeroflow_ros.data.av2` (:class:`BagPair` is a
 :class:`~zeroflow_ros.data.av2.Pair`). Clouds are decoded with :mod:`zeroflow_ros.core.pointcloud2`
 (points with a non-finite coordinate are dropped; ``BagPair.cloud0/1.indices`` map back to the
-message's point order). Times are header stamps. With odometry, ``ego1_T_ego0`` is
+message's point order). Times are header stamps (the log times when a driver leaves them all at
+zero). A bag path is the rosbag2 folder or a bare .mcap/.db3 file. With odometry, ``ego1_T_ego0`` is
 ``inv(world_T_ego(t1)) @ world_T_ego(t0)``, the odometry pose interpolated at each cloud stamp
 (linear translation, slerp rotation); it assumes the odometry's ``child_frame_id`` is the cloud's
 frame (a mismatch is logged once). Stamps outside the odometry's time span (beyond 50 ms) give None.
 Without an odometry topic, KISS-ICP can estimate it (``lidar_odometry``), else it is None.
 
 Writing (:func:`write_bag`, ``zeroflow data to-bag``): clouds as FLOAT32 x, y, z plus extra fields
-(intensity FLOAT32), odometry from known poses (``header.frame_id`` = the world/odom frame,
-``child_frame_id`` = the cloud frame, zero twist) and optionally the same pose on ``/tf``;
-log time = header stamp.
+(intensity FLOAT32, ring UINT16, per-point time as stored), odometry from known poses
+(``header.frame_id`` = the world/odom frame, ``child_frame_id`` = the cloud frame, zero twist) and
+optionally the same pose on ``/tf``; log time = header stamp.
 
 Bad input (unknown topic, wrong message type, empty bag, stamps not increasing) raises
 :class:`BagError` (a :class:`~zeroflow_ros.data.av2.DataError`) listing the bag's topics and types.
