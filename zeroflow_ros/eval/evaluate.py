@@ -146,7 +146,8 @@ def parse_prediction(table, where: str, n_points: int, eval_mask: np.ndarray,
     return full_flow, full_dyn
 
 
-def _ground0(lg, points0: np.ndarray, ts0: int) -> np.ndarray:
+def ground_for_eval(lg, points0: np.ndarray, ts0: int) -> np.ndarray:
+    """Ground mask of sweep t for the evaluation mask: the map raster rule, else synthetic ``is_ground``."""
     g = lg.ground_mask(points0, ts0)
     if g is not None:
         return g
@@ -221,7 +222,7 @@ def load_eval_pair(job: PairJob, mask: np.ndarray | None = None) -> EvalPair:
         raise EvalError(f'{lg.log_dir}: ground-truth flow of sweep {t0} has shape {gt.flow.shape}, '
                         f'expected ({n}, 3)')
     if mask is None:
-        mask = eval_point_mask(points0, _ground0(lg, points0, t0))
+        mask = eval_point_mask(points0, ground_for_eval(lg, points0, t0))
     elif mask.shape != (n,):
         raise EvalError(f'mask {lg.log_id}/{t0}.feather: {len(mask)} rows, the lidar sweep has {n} points')
     return EvalPair(lg.log_id, t0, points0, lg.ego1_T_ego0(t0, t1), gt.flow, gt.is_valid,
