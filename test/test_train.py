@@ -178,3 +178,45 @@ def test_config_and_label_errors(data, tmp_path):
     feather.write_feather(pa.table({'flow_tx_m': t.column('flow_tx_m')}), bad / src.parent.name / src.name)
     with pytest.raises(DatasetError, match=r"missing columns \['flow_ty_m', 'flow_tz_m', 'is_valid'\]"):
         ds.load(0)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(data, tmp_path):
+    """SIGINT to the whole process group (as a terminal's Ctrl-C, DataLoader worker included)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+    root, labels = data
+    cfg_file = tmp_path / 'tiny.yaml'
+    cfg_file.write_text(yaml.safe_dump(_cfg(epochs=1000, num_workers=1).to_dict()))
+    run = tmp_path / 'run'
+    cmd = [sys.executable, '-m', 'zeroflow_training.train', '--labels', str(labels), '--data', str(root),
+           '--config', str(cfg_file), '--out', str(run), '--val-split', 'none', '--no-progress']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None:
+            if (run / 'metrics.csv').exists() and len(_train_losses(run)) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stdout.read()
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, out
+    ck = read_checkpoint(run / 'last.pt')
+    done = _train_losses(run)
+    assert ck['step'] == len(done) >= 2 and ck['optimizer'] is not None
+    assert 'SIGINT' in out and '--resume' in out
+    # resume picks up at the next step
+    cfg = _cfg(epochs=1000, num_workers=0)
+    res = train(cfg, root, labels, run, resume=True, val_split=None, max_steps=ck['step'] + 1, progress=False)
+    assert res['step'] == ck['step'] + 1
+    assert [s for s, _ in _train_losses(run)] == list(range(1, ck['step'] + 2))

@@ -302,8 +302,16 @@ def batches(dataset, order: list[int], batch_size: int, start: int, num_workers:
         return iter(())
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=chunks, num_workers=num_workers,
                                          collate_fn=collate_fn, pin_memory=pin,
-                                         persistent_workers=False)
+                                         persistent_workers=False,
+                                         worker_init_fn=_ignore_stop_signals if num_workers else None)
     return iter(loader)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group: workers must not die before the main process has
+    # written its checkpoint (it shuts them down itself)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def train(cfg: TrainConfig, data_root: Path, labels: Path | None, run_dir: Path, resume: bool = False,
