@@ -186,7 +186,8 @@ def test_primitive_hits_match_ray_marching():
     d = cc + rng.uniform(-0.7, 0.7, (120, 3)) - o
     d /= np.linalg.norm(d, axis=1, keepdims=True)
     t = rc._cylinder_hits(o, d, cc, r, hh)
-    ref = _march(o, d, lambda p: (np.hypot(p[:, 0] - cc[0], p[:, 1] - cc[1]) <= r) & (np.abs(p[:, 2] - cc[2]) <= hh))
+    ref = _march(o, d, lambda p: (np.hypot(p[:, 0] - cc[0], p[:, 1] - cc[1]) <= r)
+                 & (np.abs(p[:, 2] - cc[2]) <= hh))
     assert np.isfinite(ref).sum() >= 40
     np.testing.assert_array_equal(np.isfinite(t), np.isfinite(ref))
     assert np.all(np.abs(t - ref)[np.isfinite(ref)] <= 2.5e-3)
@@ -335,8 +336,8 @@ def test_cli_writes_splits_and_resumes(tmp_path: Path, capsys):
     with pytest.raises(synth.SynthError, match='--elevations'):
         run_synth(p.parse_args(argv[:1] + ['--elevations', '1,x']))
     # explicit beam angles reach the sensor model
-    assert run_synth(p.parse_args([str(tmp_path / 'el'), '--sequences', '1', '--sweeps', '2', '--azimuths', '200',
-                                   '--elevations=-20,-10,-5,-2'])) == 0
+    assert run_synth(p.parse_args([str(tmp_path / 'el'), '--sequences', '1', '--sweeps', '2',
+                                   '--azimuths', '200', '--elevations=-20,-10,-5,-2'])) == 0
     lid = next((tmp_path / 'el' / 'train').iterdir()) / 'sensors' / 'lidar'
     laser = pd.read_feather(sorted(lid.iterdir())[0])['laser_number'].to_numpy()
     assert set(np.unique(laser)) <= {0, 1, 2, 3} and len(np.unique(laser)) >= 3

@@ -20,20 +20,25 @@ log = logging.getLogger(__name__)
 
 
 def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('out', type=Path, metavar='OUT', help='dataset root; logs go to OUT/<split>/<log_id>/')
+    parser.add_argument('out', type=Path, metavar='OUT',
+                        help='dataset root; logs go to OUT/<split>/<log_id>/')
     parser.add_argument('--sequences', type=int, default=20, help='train logs (default 20)')
     parser.add_argument('--sweeps', type=int, default=20, help='sweeps per log at 10 Hz (default 20)')
     parser.add_argument('--seed', type=int, default=0, help='train log i uses seed SEED+i (default 0)')
     parser.add_argument('--split-val', type=int, default=0, metavar='K',
                         help='also write K val logs (seeds 1000000+i; default 0)')
     parser.add_argument('--workers', type=int, default=1, help='processes, one log each (default 1)')
-    parser.add_argument('--beams', type=int, default=32, help='lidar beams (VLP-32C angle profile; default 32)')
+    parser.add_argument('--beams', type=int, default=32,
+                        help='lidar beams (VLP-32C angle profile; default 32)')
     parser.add_argument('--azimuths', type=int, default=1800, help='columns per revolution (default 1800)')
     parser.add_argument('--elevations', type=str, default=None, metavar='DEG,DEG,...',
-                        help='explicit vertical beam angles in degrees, e.g. --elevations=-15,-5,0,5 (count sets --beams)')
+                        help='explicit vertical beam angles in degrees, e.g. --elevations=-15,-5,0,5 '
+                             '(their count sets --beams)')
     parser.add_argument('--max-range', type=float, default=100.0, help='lidar max range in m (default 100)')
-    parser.add_argument('--range-noise', type=float, default=0.02, help='range noise sigma in m (default 0.02)')
-    parser.add_argument('--dropout', type=float, default=0.02, help='base return dropout probability (default 0.02)')
+    parser.add_argument('--range-noise', type=float, default=0.02,
+                        help='range noise sigma in m (default 0.02)')
+    parser.add_argument('--dropout', type=float, default=0.02,
+                        help='base return dropout probability (default 0.02)')
     parser.add_argument('--overwrite', action='store_true', help='regenerate logs that already exist')
 
 
@@ -72,12 +77,13 @@ def run_synth(args: argparse.Namespace) -> int:
         try:
             elevations = tuple(float(v) for v in args.elevations.split(','))
         except ValueError:
-            raise SynthError(f'--elevations: expected comma-separated degrees, got {args.elevations!r}') from None
+            raise SynthError(f'--elevations: expected comma-separated degrees, '
+                             f'got {args.elevations!r}') from None
         if any(not -90.0 < e < 90.0 for e in elevations):
             raise SynthError(f'--elevations: angles must lie in (-90, 90) degrees, got {args.elevations!r}')
         beams = len(elevations)
-    lidar = LidarConfig(beams=beams, azimuths=args.azimuths, elevations_deg=elevations, max_range_m=args.max_range,
-                        range_noise_m=args.range_noise, dropout=args.dropout)
+    lidar = LidarConfig(beams=beams, azimuths=args.azimuths, elevations_deg=elevations,
+                        max_range_m=args.max_range, range_noise_m=args.range_noise, dropout=args.dropout)
     lidar.validate()
     out = Path(args.out)
     if out.exists() and not out.is_dir():

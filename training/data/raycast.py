@@ -43,6 +43,7 @@ def default_elevations(beams: int) -> np.ndarray:
 @dataclass(frozen=True)
 class GroundSurface:
     """``h(x, y) = z0 + gx x + gy y + amp sin(kx x + px) cos(ky y + py)`` (city frame, metres)."""
+
     z0: float = 0.0
     gx: float = 0.0
     gy: float = 0.0
@@ -100,6 +101,7 @@ class GroundSurface:
 @dataclass
 class Primitives:
     """Flat arrays of the primitives of one sweep (city frame). Build with the ``add_*`` methods."""
+
     box_center: list = field(default_factory=list)     # (3,)
     box_half: list = field(default_factory=list)       # (3,)
     box_yaw: list = field(default_factory=list)
@@ -147,8 +149,10 @@ class Primitives:
         self.porosity.append(float(por))
 
     def table(self) -> dict[str, np.ndarray]:
-        """Per-primitive metadata, indexed like the ``prim`` output of :func:`cast`
-        (0 = ground surface, then boxes, slabs, cylinders)."""
+        """Per-primitive metadata, indexed like the ``prim`` output of :func:`cast`.
+
+        Index 0 is the ground surface, then boxes, slabs and cylinders in insertion order.
+        """
         order = ([i for i, k in enumerate(self._kinds) if k == 'box']
                  + [i for i, k in enumerate(self._kinds) if k == 'slab']
                  + [i for i, k in enumerate(self._kinds) if k == 'cyl'])
@@ -175,7 +179,7 @@ class _RaySet:
         self.el = np.arcsin(np.clip(dirs[:, 2], -1, 1))
 
     def candidates(self, az_lo: float, az_hi: float, el_lo: float, el_hi: float) -> np.ndarray:
-        """Indices of rays with azimuth in [az_lo, az_hi] (wrapping) and elevation in [el_lo, el_hi]."""
+        """Return the rays with azimuth in [az_lo, az_hi] (wrapping) and elevation in [el_lo, el_hi]."""
         if az_hi - az_lo >= 2 * np.pi:
             idx = self.order
         else:
@@ -336,12 +340,14 @@ def cast(origin: np.ndarray, dirs: np.ndarray, ground: GroundSurface, prims: Pri
         Y, OFF = np.array(prims.slab_yaw), np.array(prims.slab_offset)
         cs, sn = np.cos(Y), np.sin(Y)
         signs = np.array([[1, 1], [1, -1], [-1, 1], [-1, -1]], float)
-        cx = C[:, None, 0] + cs[:, None] * signs[:, 0] * H[:, None, 0] - sn[:, None] * signs[:, 1] * H[:, None, 1]
-        cy = C[:, None, 1] + sn[:, None] * signs[:, 0] * H[:, None, 0] + cs[:, None] * signs[:, 1] * H[:, None, 1]
+        lx, ly = signs[:, 0] * H[:, None, 0], signs[:, 1] * H[:, None, 1]      # (K,4) local corners
+        cx = C[:, None, 0] + cs[:, None] * lx - sn[:, None] * ly
+        cy = C[:, None, 1] + sn[:, None] * lx + cs[:, None] * ly
         hz = ground.height(cx, cy)
         # the plane part of h is extreme at the corners; the undulation moves h by at most 2|amp|
         z_amp = 2 * abs(ground.amp) + 0.01
-        keep, a0, a1, e0, e1 = _footprint_cull(o, C, H, Y, hz.min(axis=1) - z_amp, hz.max(axis=1) + OFF + z_amp,
+        keep, a0, a1, e0, e1 = _footprint_cull(o, C, H, Y, hz.min(axis=1) - z_amp,
+                                               hz.max(axis=1) + OFF + z_amp,
                                                max_range)
         for i in np.flatnonzero(keep):
             idx = rays.candidates(a0[i], a1[i], e0[i], e1[i])

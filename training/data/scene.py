@@ -56,14 +56,16 @@ class Path2D:
         sa, sb = s - 0.5, s + 0.5
         xa = np.interp(sa, self.s, self.pts[:, 0]) + np.where(sa < 0, sa * d0[0] / np.linalg.norm(d0), 0)
         ya = np.interp(sa, self.s, self.pts[:, 1]) + np.where(sa < 0, sa * d0[1] / np.linalg.norm(d0), 0)
-        xb = np.interp(sb, self.s, self.pts[:, 0]) + np.where(sb > self.length, (sb - self.length) * d1[0] / np.linalg.norm(d1), 0)
-        yb = np.interp(sb, self.s, self.pts[:, 1]) + np.where(sb > self.length, (sb - self.length) * d1[1] / np.linalg.norm(d1), 0)
+        ex = np.where(sb > self.length, sb - self.length, 0.0) / np.linalg.norm(d1)
+        xb = np.interp(sb, self.s, self.pts[:, 0]) + ex * d1[0]
+        yb = np.interp(sb, self.s, self.pts[:, 1]) + ex * d1[1]
         return x, y, np.arctan2(yb - ya, xb - xa)
 
 
 @dataclass
 class SpeedProfile:
     """Piecewise-constant acceleration, speed clipped to [0, v_max]; s(t) integrated finely."""
+
     v0: float
     phases: list[tuple[float, float]]   # (start time s, acceleration m/s^2), sorted by time
     v_max: float = 20.0
@@ -104,7 +106,8 @@ class Road:
         return self.half_carriageway + self.sidewalk
 
 
-def _spacings(rng: np.random.Generator, start: float, lo: float, hi: float, n: int, sign: float) -> list[float]:
+def _spacings(rng: np.random.Generator, start: float, lo: float, hi: float, n: int,
+              sign: float) -> list[float]:
     out, c = [], start
     for _ in range(n):
         c += sign * rng.uniform(lo, hi)
@@ -208,6 +211,7 @@ def cyclist_body(rng: np.random.Generator) -> tuple[list[Part], list[tuple[str, 
 @dataclass
 class SceneConfig:
     """Densities and behaviours; defaults give a busy but plausible downtown street."""
+
     vehicle_lane_prob: float = 0.55         # chance a lane near the route carries a platoon
     parked_density: float = 0.45            # fraction of parking lane length filled
     pedestrians_per_100m: float = 4.0
@@ -279,14 +283,13 @@ def _lane_offset(lane: int) -> float:
     return (lane + 0.5) * LANE_W
 
 
-def build_route(start: np.ndarray, u: np.ndarray, lane: int, cross_centers, cross_roads: dict,
-                length: float, turns: list[tuple[float, int]], rng: np.random.Generator) -> tuple[Path2D, list]:
+def build_route(start: np.ndarray, u: np.ndarray, length: float, turns: list[tuple],
+                rng: np.random.Generator) -> Path2D:
     """Lane-centre path of ``length`` m from ``start`` along axis direction ``u``.
 
     ``turns`` lists (distance along the first leg to the crossing road centre, +1 left / -1 right
     [, arc radius]);
-    only the first leg turns (sequences are seconds long). Returns the path and the legs as
-    (point, direction) for placing followers.
+    only the first turn is used (sequences last seconds). The new leg uses the right-most lane.
     """
     pts = [start.copy()]
     p = start.copy()
@@ -297,7 +300,10 @@ def build_route(start: np.ndarray, u: np.ndarray, lane: int, cross_centers, cros
         crossing = p + dist * u
         corner = crossing + r2 * _lane_offset(0)             # new lane line meets the old one
         corner = p + np.dot(corner - p, u) * u
-        radius = turns[0][2] if len(turns[0]) > 2 else (rng.uniform(6.0, 8.5) if side < 0 else rng.uniform(9.0, 12.5))
+        if len(turns[0]) > 2:
+            radius = turns[0][2]
+        else:
+            radius = rng.uniform(6.0, 8.5) if side < 0 else rng.uniform(9.0, 12.5)
         radius = min(radius, max(np.dot(corner - p, u) - 1.0, 2.0))
         arc_start = corner - radius * u
         pts.append(arc_start)
@@ -309,7 +315,7 @@ def build_route(start: np.ndarray, u: np.ndarray, lane: int, cross_centers, cros
         pts.append(p + max(length - used, 10.0) * u2)
     else:
         pts.append(p + length * u)
-    return Path2D(np.array(pts)), []
+    return Path2D(np.array(pts))
 
 
 def generate_scene(seed: int, duration: float, max_range: float, cfg: SceneConfig | None = None) -> Scene:
@@ -318,7 +324,8 @@ def generate_scene(seed: int, duration: float, max_range: float, cfg: SceneConfi
     T = duration
 
     # ground: grade up to ~3 %, undulation a few cm over tens of metres
-    ground = GroundSurface(z0=rng.uniform(-0.5, 0.5), gx=rng.uniform(-0.03, 0.03), gy=rng.uniform(-0.03, 0.03),
+    ground = GroundSurface(z0=rng.uniform(-0.5, 0.5), gx=rng.uniform(-0.03, 0.03),
+                           gy=rng.uniform(-0.03, 0.03),
                            amp=rng.uniform(0.0, 0.08), kx=2 * np.pi / rng.uniform(40, 100),
                            ky=2 * np.pi / rng.uniform(40, 100), px=rng.uniform(0, 2 * np.pi),
                            py=rng.uniform(0, 2 * np.pi))
@@ -333,8 +340,8 @@ def generate_scene(seed: int, duration: float, max_range: float, cfg: SceneConfi
         v_turn = min(rng.uniform(3.5, 7.0), float(np.sqrt(3.5 * turn_radius)))
         arc_start = rng.uniform(0.0, 0.4) * v_turn * T
         t_exit = (arc_start + np.pi * turn_radius / 2) / v_turn
-        profile = SpeedProfile(v_turn, [(0.0, 0.0)] + ([(t_exit, rng.uniform(1.0, 2.0))] if t_exit < T else []),
-                               v_max=13.0)
+        pull_away = [(t_exit, rng.uniform(1.0, 2.0))] if t_exit < T else []
+        profile = SpeedProfile(v_turn, [(0.0, 0.0)] + pull_away, v_max=13.0)
     else:
         profile = _ego_profile(rng, mode, T)
     travel = float(profile.arc_length(np.array([T]), T)[0])
@@ -357,8 +364,8 @@ def generate_scene(seed: int, duration: float, max_range: float, cfg: SceneConfi
     start = np.array([0.0, -_lane_offset(ego_lane)])
     turns = [(d_cross, turn_side, turn_radius)] if mode == 'turn' else []
     back = 60.0
-    ego_path, _ = build_route(start - back * np.array([1.0, 0.0]), np.array([1.0, 0.0]), ego_lane, xs, v_roads,
-                              back + travel + 120.0, [(t[0] + back, *t[1:]) for t in turns], rng)
+    ego_path = build_route(start - back * np.array([1.0, 0.0]), np.array([1.0, 0.0]), back + travel + 120.0,
+                           [(t[0] + back, *t[1:]) for t in turns], rng)
     if turns:
         ego_lane = 0
     times = np.arange(0, T + 1e-9, 0.1)
@@ -429,7 +436,8 @@ def _remove_collisions(scene: Scene, times: np.ndarray, margin: float = 0.25) ->
         half = half + margin
         if agent.profile is not None:
             radius = float(np.hypot(*half))
-            close = np.linalg.norm(kc[:k] - c[None], axis=-1) <= radius + np.hypot(kh[:k, 0], kh[:k, 1])[:, None]
+            reach = radius + np.hypot(kh[:k, 0], kh[:k, 1])[:, None]
+            close = np.linalg.norm(kc[:k] - c[None], axis=-1) <= reach
             hit = False
             for j in np.flatnonzero(close.any(axis=1)):
                 m = close[j]
@@ -469,7 +477,8 @@ def _build_static_world(scene: Scene, rng, xs, ys, v_roads, h_roads, cfg: SceneC
         k = next_id[0]
         next_id[0] += 1
         path = Path2D(np.array([[x, y], [x + np.cos(yaw), y + np.sin(yaw)]]))
-        trk = [Track(_track_uuid(scene.seed, k * 4 + j), c, dims, off) for j, (c, dims, off) in enumerate(tracks)]
+        trk = [Track(_track_uuid(scene.seed, k * 4 + j), c, dims, off)
+               for j, (c, dims, off) in enumerate(tracks)]
         agents.append(Agent(k, path, 0.0, None, parts, trk, kind))
 
     # sidewalks (draped slabs with curbs), along every road between crossings, corners included
@@ -480,7 +489,8 @@ def _build_static_world(scene: Scene, rng, xs, ys, v_roads, h_roads, cfg: SceneC
                 continue
             for side in (-1, 1):
                 cy = ya + side * (road.half_carriageway + road.sidewalk / 2)
-                P.add_slab(((x0 + x1) / 2, cy), ((x1 - x0) / 2, road.sidewalk / 2), 0.0, CURB_H, reflectivity=0.3)
+                P.add_slab(((x0 + x1) / 2, cy), ((x1 - x0) / 2, road.sidewalk / 2), 0.0, CURB_H,
+                           reflectivity=0.3)
     for xa, road in v_roads.items():
         for ya, yb in zip(ys[:-1], ys[1:]):
             y0, y1 = ya + h_roads[ya].half_width, yb - h_roads[yb].half_width
@@ -488,7 +498,8 @@ def _build_static_world(scene: Scene, rng, xs, ys, v_roads, h_roads, cfg: SceneC
                 continue
             for side in (-1, 1):
                 cx = xa + side * (road.half_carriageway + road.sidewalk / 2)
-                P.add_slab((cx, (y0 + y1) / 2), (road.sidewalk / 2, (y1 - y0) / 2), 0.0, CURB_H, reflectivity=0.3)
+                P.add_slab((cx, (y0 + y1) / 2), (road.sidewalk / 2, (y1 - y0) / 2), 0.0, CURB_H,
+                           reflectivity=0.3)
 
     # buildings, walls and hedges along block edges; trees, poles, signs, bollards on sidewalks
     for bx0, bx1, by0, by1 in _blocks(xs, ys, v_roads, h_roads):
@@ -514,7 +525,8 @@ def _build_static_world(scene: Scene, rng, xs, ys, v_roads, h_roads, cfg: SceneC
                         z = h(c[0], c[1])
                         height = float(rng.choice([rng.uniform(4, 12), rng.uniform(12, 40)], p=[0.6, 0.4]))
                         yaw = float(np.arctan2(u[1], u[0]))
-                        P.add_box((c[0], c[1], z - 1.0 + (height + 1.0) / 2), (w / 2, depth / 2, (height + 1.0) / 2),
+                        P.add_box((c[0], c[1], z - 1.0 + (height + 1.0) / 2),
+                                  (w / 2, depth / 2, (height + 1.0) / 2),
                                   yaw, reflectivity=rng.uniform(0.2, 0.7))
                         scene.building_footprints.append((c.copy(), np.array([w / 2, depth / 2]), yaw))
                         if rng.random() < 0.3 and height > 8:      # setback upper storeys
@@ -561,7 +573,8 @@ def _build_static_world(scene: Scene, rng, xs, ys, v_roads, h_roads, cfg: SceneC
                 z = h(c[0], c[1])
                 trunk_h = rng.uniform(2.0, 3.5)
                 r_trunk = rng.uniform(0.12, 0.25)
-                P.add_cylinder((c[0], c[1], z + trunk_h / 2 - 0.2), r_trunk, trunk_h / 2 + 0.2, reflectivity=0.3)
+                P.add_cylinder((c[0], c[1], z + trunk_h / 2 - 0.2), r_trunk, trunk_h / 2 + 0.2,
+                               reflectivity=0.3)
                 scene.obstacles.append((float(c[0]), float(c[1]), float(r_trunk)))
                 rad = rng.uniform(1.4, 3.0)
                 for _ in range(int(rng.integers(8, 16))):
@@ -580,7 +593,8 @@ def _build_static_world(scene: Scene, rng, xs, ys, v_roads, h_roads, cfg: SceneC
             P.add_cylinder((c[0], c[1], z + ph / 2 - 0.1), r_pole, ph / 2 + 0.1, reflectivity=0.5)
             scene.obstacles.append((float(c[0]), float(c[1]), float(r_pole)))
             arm = -out * 1.2
-            P.add_box((c[0] + arm[0], c[1] + arm[1], z + ph - 0.1), (abs(arm[0]) + 0.08, abs(arm[1]) + 0.08, 0.08),
+            P.add_box((c[0] + arm[0], c[1] + arm[1], z + ph - 0.1),
+                      (abs(arm[0]) + 0.08, abs(arm[1]) + 0.08, 0.08),
                       0.0, reflectivity=0.5)
             s += rng.uniform(25.0, 40.0)
         if rng.random() < 0.5:         # a sign (annotated) near the end of the strip
@@ -594,7 +608,8 @@ def _build_static_world(scene: Scene, rng, xs, ys, v_roads, h_roads, cfg: SceneC
                 c = base + u * 1.5 * i
                 bh = rng.uniform(0.8, 1.1)
                 static_agent(c[0], c[1], yaw, [_cyl(0, 0, 0.0, bh, 0.1, 0.6)],
-                             [('BOLLARD', np.array([0.26, 0.26, bh + 0.03]), np.array([0, 0, (bh + 0.03) / 2]))],
+                             [('BOLLARD', np.array([0.26, 0.26, bh + 0.03]),
+                               np.array([0, 0, (bh + 0.03) / 2]))],
                              'bollard')
 
         # parked vehicles in the parking lane next to this strip
@@ -607,7 +622,8 @@ def _build_static_world(scene: Scene, rng, xs, ys, v_roads, h_roads, cfg: SceneC
                     if s + dims[0] > length:
                         break
                     c = p0 + u * (s + dims[0] / 2) - out * (road.parking / 2 + rng.uniform(-0.15, 0.1))
-                    heading = yaw if out.dot(np.array([-u[1], u[0]])) < 0 else yaw + np.pi   # right-hand parking
+                    # parked facing the traffic of the near side (right-hand traffic)
+                    heading = yaw if out.dot(np.array([-u[1], u[0]])) < 0 else yaw + np.pi
                     static_agent(c[0], c[1], heading + rng.normal(0, 0.02), parts,
                                  [(cat, dims, np.array([0.0, 0.0, dims[2] / 2]))], 'parked')
                     s += dims[0] + rng.uniform(0.8, 3.0)
@@ -618,7 +634,8 @@ def _build_static_world(scene: Scene, rng, xs, ys, v_roads, h_roads, cfg: SceneC
                 for i in range(int(rng.integers(3, 7))):
                     c = base + u * 2.0 * i
                     static_agent(c[0], c[1], yaw, [_cyl(0, 0, 0.0, 0.7, 0.15, 0.9)],
-                                 [('CONSTRUCTION_CONE', np.array([0.36, 0.36, 0.74]), np.array([0, 0, 0.37]))],
+                                 [('CONSTRUCTION_CONE', np.array([0.36, 0.36, 0.74]),
+                                   np.array([0, 0, 0.37]))],
                                  'cone')
     scene._next_instance = next_id[0]   # type: ignore[attr-defined]
 
@@ -631,7 +648,8 @@ def _build_agents(scene: Scene, rng, xs, ys, v_roads, h_roads, cfg: SceneConfig,
     def new_agent(path, s0, profile, parts, tracks, kind):
         k = next_id[0]
         next_id[0] += 1
-        trk = [Track(_track_uuid(scene.seed, k * 4 + j), c, dims, off) for j, (c, dims, off) in enumerate(tracks)]
+        trk = [Track(_track_uuid(scene.seed, k * 4 + j), c, dims, off)
+               for j, (c, dims, off) in enumerate(tracks)]
         scene.agents.append(Agent(k, path, s0, profile, parts, trk, kind))
 
     def random_vehicle():
@@ -653,7 +671,7 @@ def _build_agents(scene: Scene, rng, xs, ys, v_roads, h_roads, cfg: SceneConfig,
         return SpeedProfile(0.0, [(0.0, 0.0), (rng.uniform(0, 0.6) * T, rng.uniform(1.2, 2.5))], v_max=14.0)
 
     def platoon(path, s_first, profile, n, spacing_rng=(6.0, 25.0), direction=-1.0):
-        """n vehicles at decreasing (direction -1, behind) arc lengths from s_first."""
+        """Place n vehicles at decreasing (direction -1, behind) arc lengths from s_first."""
         s = s_first
         for _ in range(n):
             cat, parts, dims = random_vehicle()
@@ -687,7 +705,7 @@ def _build_agents(scene: Scene, rng, xs, ys, v_roads, h_roads, cfg: SceneConfig,
                 u = np.array([direction, 0.0]) if road.axis == 0 else np.array([0.0, direction])
                 rgt = np.array([u[1], -u[0]])
                 along0 = lo if direction > 0 else hi
-                start = (np.array([along0, road.center]) if road.axis == 0 else np.array([road.center, along0]))
+                start = np.array([along0, road.center] if road.axis == 0 else [road.center, along0])
                 start = start + rgt * _lane_offset(lane)
                 length = hi - lo
                 turns = []
@@ -697,7 +715,7 @@ def _build_agents(scene: Scene, rng, xs, ys, v_roads, h_roads, cfg: SceneConfig,
                             and np.sign(c - along0) == direction]
                     if cand:
                         turns = [(float(rng.choice(cand)), int(rng.choice([-1, 1])))]
-                path, _ = build_route(start, u, lane, None, None, length + 200.0, turns, rng)
+                path = build_route(start, u, length + 200.0, turns, rng)
                 prof = traffic_profile()
                 s_first = rng.uniform(0.1, 0.9) * length
                 platoon(path, s_first, prof, int(rng.integers(1, 4)))
@@ -732,7 +750,7 @@ def _build_agents(scene: Scene, rng, xs, ys, v_roads, h_roads, cfg: SceneConfig,
                       else np.array([road.center + side * off, along]))
                 if np.min(np.linalg.norm(route - xy, axis=1)) > 70.0:
                     continue
-                u = (np.array([1.0, 0.0]) if road.axis == 0 else np.array([0.0, 1.0])) * rng.choice([-1.0, 1.0])
+                u = np.array([1.0, 0.0] if road.axis == 0 else [0.0, 1.0]) * rng.choice([-1.0, 1.0])
                 path = Path2D(np.array([xy - 100 * u, xy + 100 * u]))
                 speed = 0.0 if rng.random() < 0.25 else rng.uniform(0.8, 1.7)
                 prof = SpeedProfile(speed, [(0.0, 0.0)], v_max=2.0)
@@ -748,7 +766,8 @@ def _build_agents(scene: Scene, rng, xs, ys, v_roads, h_roads, cfg: SceneConfig,
             vr, hr = v_roads[xa], h_roads[ya]
             # a crosswalk over the vertical road, just north or south of the junction
             yc = ya + rng.choice([-1, 1]) * (hr.half_width + 1.5)
-            scene.crosswalks.append(np.array([[xa - vr.half_carriageway, yc], [xa + vr.half_carriageway, yc]]))
+            scene.crosswalks.append(np.array([[xa - vr.half_carriageway, yc],
+                                              [xa + vr.half_carriageway, yc]]))
             for _ in range(int(rng.integers(1, 4))):
                 d = rng.choice([-1.0, 1.0])
                 xy0 = np.array([xa - d * (vr.half_carriageway + 1.0), yc + rng.uniform(-1.2, 1.2)])

@@ -5,7 +5,8 @@ A procedural urban scene (:mod:`training.data.scene`) is swept by a spinning mul
 dataset, plus a ``scene_flow/`` folder with the ground truth::
 
     OUT/<split>/<log_id>/
-      sensors/lidar/<ts_ns>.feather     x, y, z (float32, ego frame), intensity, laser_number (uint8), offset_ns (int32)
+      sensors/lidar/<ts_ns>.feather     x, y, z (float32, ego frame), intensity, laser_number (uint8),
+                                        offset_ns (int32)
       city_SE3_egovehicle.feather       one pose per sweep
       annotations.feather               cuboids of every track at every sweep (ego frame), av2 columns
       calibration/egovehicle_SE3_sensor.feather   'up_lidar' = the simulated sensor's mount
@@ -88,6 +89,7 @@ class SynthError(ValueError):
 @dataclass(frozen=True)
 class LidarConfig:
     """Spinning lidar. Defaults: 32 beams with VLP-32C angles (-25..15 deg) x 1800 azimuths, 10 Hz."""
+
     beams: int = 32
     azimuths: int = 1800
     elevations_deg: tuple[float, ...] | None = None     # None: VLP-32C-like profile for `beams`
@@ -102,7 +104,8 @@ class LidarConfig:
         if self.azimuths < 8 or self.azimuths > 20000:
             raise SynthError(f'lidar azimuths: expected 8..20000, got {self.azimuths}')
         if self.elevations_deg is not None and len(self.elevations_deg) != self.beams:
-            raise SynthError(f'lidar elevations_deg: expected {self.beams} angles, got {len(self.elevations_deg)}')
+            raise SynthError(f'lidar elevations_deg: expected {self.beams} angles, '
+                             f'got {len(self.elevations_deg)}')
         if not 5.0 <= self.max_range_m <= 500.0:
             raise SynthError(f'lidar max_range_m: expected 5..500 m, got {self.max_range_m}')
         if not 0.0 <= self.dropout < 1.0:
@@ -111,11 +114,13 @@ class LidarConfig:
             raise SynthError(f'lidar range_noise_m: expected >= 0, got {self.range_noise_m}')
 
     def elevations(self) -> np.ndarray:
-        e = default_elevations(self.beams) if self.elevations_deg is None else np.asarray(self.elevations_deg, float)
+        if self.elevations_deg is None:
+            return default_elevations(self.beams)
+        e = np.asarray(self.elevations_deg, float)
         return np.sort(e)
 
     def ray_grid(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Unit directions (ego frame), laser numbers and column index, in firing order.
+        """Return unit directions (ego frame), laser numbers and column index, in firing order.
 
         Columns sweep clockwise from straight behind (azimuth +pi), as a Velodyne spins; within a
         column the beams go bottom to top.
@@ -202,8 +207,10 @@ def _se3_inverse(T: np.ndarray) -> np.ndarray:
 
 
 class _PointIndex:
-    """Candidate points near a cuboid (kd-tree ball query), so av2's exact vertex test runs only
-    on points that can pass it."""
+    """Candidate points near a cuboid (kd-tree ball query).
+
+    av2's exact vertex test then runs only on the points that can pass it.
+    """
 
     def __init__(self, points: np.ndarray):
         from scipy.spatial import cKDTree
@@ -389,8 +396,10 @@ def compute_flows(log_: SynthLog) -> list[dict[str, np.ndarray]]:
     flows = []
     for k in range(len(log_.sweeps) - 1):
         ts0, ts1 = int(log_.timestamps[k]), int(log_.timestamps[k + 1])
-        ego1_T_ego0 = _pose_from_row(log_.city_T_ego[k + 1], inverse=True) @ _pose_from_row(log_.city_T_ego[k])
-        lab = av2_flow_labels(log_.sweeps[k].points, groups.get(ts0, empty), groups.get(ts1, empty), ego1_T_ego0)
+        city_T_ego1 = _pose_from_row(log_.city_T_ego[k + 1])
+        ego1_T_ego0 = _se3_inverse(city_T_ego1) @ _pose_from_row(log_.city_T_ego[k])
+        lab = av2_flow_labels(log_.sweeps[k].points, groups.get(ts0, empty), groups.get(ts1, empty),
+                              ego1_T_ego0)
         lab['is_ground'] = log_.sweeps[k].is_ground
         lab['instance_id'] = log_.sweeps[k].instance_id
         flows.append(lab)
@@ -401,11 +410,10 @@ def _pose_quat_trans(T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _matrix_to_quat(T[:3, :3]), T[:3, 3].copy()
 
 
-def _pose_from_row(T: np.ndarray, inverse: bool = False) -> np.ndarray:
-    """The pose as a reader rebuilds it from the written (quaternion, translation) row."""
+def _pose_from_row(T: np.ndarray) -> np.ndarray:
+    """Rebuild the pose as a reader does from the written (quaternion, translation) row."""
     q, t = _pose_quat_trans(T)
-    M = _se3(quat_wxyz_to_mat(q), t)
-    return _se3_inverse(M) if inverse else M
+    return _se3(quat_wxyz_to_mat(q), t)
 
 
 # --------------------------------------------------------------------------- writing
@@ -461,7 +469,8 @@ def _ground_raster(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _polyline(pts: Iterable, z_fn) -> list[dict]:
-    return [{'x': round(float(x), 3), 'y': round(float(y), 3), 'z': round(float(z_fn(x, y)), 3)} for x, y in pts]
+    return [{'x': round(float(x), 3), 'y': round(float(y), 3), 'z': round(float(z_fn(x, y)), 3)}
+            for x, y in pts]
 
 
 def _vector_map(scene: Scene) -> dict:
@@ -475,11 +484,13 @@ def _vector_map(scene: Scene) -> dict:
         if road.axis == 0:
             if not y0 <= road.center <= y1:
                 continue
-            rect = [(x0, road.center - hc), (x1, road.center - hc), (x1, road.center + hc), (x0, road.center + hc)]
+            lo, hi = road.center - hc, road.center + hc
+            rect = [(x0, lo), (x1, lo), (x1, hi), (x0, hi)]
         else:
             if not x0 <= road.center <= x1:
                 continue
-            rect = [(road.center - hc, y0), (road.center + hc, y0), (road.center + hc, y1), (road.center - hc, y1)]
+            lo, hi = road.center - hc, road.center + hc
+            rect = [(lo, y0), (hi, y0), (hi, y1), (lo, y1)]
         das[str(next_id)] = {'area_boundary': _polyline(rect, z), 'id': next_id}
         next_id += 1
         for direction in (1, -1):
@@ -525,8 +536,8 @@ def write_log(log_: SynthLog, split_dir: Path, lidar: LidarConfig) -> Path:
     for ts, T in zip(log_.timestamps, log_.city_T_ego):
         q, t = _pose_quat_trans(T)
         rows.append((int(ts), *map(float, q), *map(float, t)))
-    _write_feather(pd.DataFrame(rows, columns=['timestamp_ns', 'qw', 'qx', 'qy', 'qz', 'tx_m', 'ty_m', 'tz_m'])
-                   .astype({'timestamp_ns': 'int64'}), d / 'city_SE3_egovehicle.feather')
+    poses = pd.DataFrame(rows, columns=['timestamp_ns', 'qw', 'qx', 'qy', 'qz', 'tx_m', 'ty_m', 'tz_m'])
+    _write_feather(poses.astype({'timestamp_ns': 'int64'}), d / 'city_SE3_egovehicle.feather')
     _write_feather(log_.annotations, d / 'annotations.feather')
     _write_feather(pd.DataFrame([('up_lidar', 1.0, 0.0, 0.0, 0.0, *map(float, lidar.sensor_xyz))],
                                 columns=['sensor_name', 'qw', 'qx', 'qy', 'qz', 'tx_m', 'ty_m', 'tz_m']),
@@ -565,7 +576,7 @@ def generate_one(seed: int, split_dir: Path, sweeps: int, lidar: LidarConfig | N
 
 
 def split_seeds(split: str, count: int, seed: int) -> list[int]:
-    """Seeds of a split: train uses ``seed + i``, val ``VAL_SEED_BASE + i`` (disjoint for seed + count <= 1e6)."""
+    """Seeds of a split: train ``seed + i``, val ``VAL_SEED_BASE + i`` (disjoint: seed + count <= 1e6)."""
     if split == 'train':
         if seed < 0 or seed + count > VAL_SEED_BASE:
             raise SynthError(f'seed: train seeds seed..seed+{count - 1} must stay in [0, {VAL_SEED_BASE}) '
@@ -578,7 +589,7 @@ def split_seeds(split: str, count: int, seed: int) -> list[int]:
 
 def make_tiny_dataset(tmp_path: Path, logs: int = 1, sweeps: int = 3, split: str = 'val', seed: int = 0,
                       beams: int = 16, azimuths: int = 600, scene_cfg: SceneConfig | None = None) -> Path:
-    """A small dataset for tests: ``logs`` x ``sweeps`` under ``tmp_path/<split>/``; returns the root.
+    """Write ``logs`` x ``sweeps`` test logs under ``tmp_path/<split>/``; return ``tmp_path``.
 
     Reduced beams/azimuths keep it to a few seconds on one core. Seeds follow :func:`split_seeds`.
     """
