@@ -304,3 +304,29 @@ def test_pose_matrix_roundtrip():
     R = Rotation.from_euler('xyz', [0.1, -0.2, 0.3]).as_matrix()
     q = geometry.matrix_to_quat(R)
     assert np.allclose(pose_matrix((1, 2, 3), q), geometry.make_transform(R, (1, 2, 3)))
+
+
+def test_flow_marker_equals_checked_message_construction():
+    """The fast slot filling must give the same message as the checked constructors (after CDR)."""
+    pytest.importorskip('rclpy')
+    from geometry_msgs.msg import Point
+    from rclpy.serialization import deserialize_message, serialize_message
+    from std_msgs.msg import ColorRGBA, Header
+    from visualization_msgs.msg import Marker
+
+    from zeroflow_ros.visualization import flow_marker
+    rng = np.random.default_rng(2)
+    verts = rng.normal(size=(40, 3)).astype(np.float32)
+    rgb = rng.random((40, 3)).astype(np.float32)
+    header = Header(frame_id='lidar')
+    header.stamp.sec = 7
+    fast = flow_marker(header, verts, rgb, line_width=0.1, alpha=0.5)
+    ref = Marker(header=header, ns='zeroflow_flow', id=0, type=Marker.LINE_LIST, action=Marker.ADD)
+    ref.pose.orientation.w = 1.0
+    ref.scale.x = 0.1
+    ref.color.a = 0.5
+    ref.lifetime.sec = 1
+    ref.points = [Point(x=float(a), y=float(b), z=float(c)) for a, b, c in verts]
+    ref.colors = [ColorRGBA(r=float(r), g=float(g), b=float(b), a=0.5) for r, g, b in rgb]
+    assert serialize_message(fast) == serialize_message(ref)
+    assert deserialize_message(serialize_message(fast), Marker) == ref

@@ -67,8 +67,44 @@ def flow_marker(header: Any, verts: np.ndarray, rgb: np.ndarray, *, line_width: 
     m.scale.x = float(line_width)
     m.color.a = float(alpha)
     m.lifetime = Duration(sec=1, nanosec=0)  # arrows vanish if the node stops publishing
-    v = verts.astype(float).tolist()
-    c = rgb.astype(float).tolist()
-    m.points = [Point(x=a, y=b, z=z) for a, b, z in v]
-    m.colors = [ColorRGBA(r=r, g=g, b=b, a=float(alpha)) for r, g, b in c]
+    # The generated constructors and setters type-check every field: ~15 us per Point, 150 ms
+    # for 5000 arrows. The values are plain floats by construction, so fill the slots directly.
+    _set_unchecked(m, 'points', _points(Point, np.asarray(verts, np.float64).tolist()))
+    _set_unchecked(m, 'colors', _colors(ColorRGBA, np.asarray(rgb, np.float64).tolist(), float(alpha)))
     return m
+
+
+def _points(cls: Any, xyz: list) -> list:
+    if '_x' not in getattr(cls, '__slots__', ()):
+        return [cls(x=x, y=y, z=z) for x, y, z in xyz]
+    new, out = cls.__new__, []
+    for x, y, z in xyz:
+        p = new(cls)
+        p._check_fields = False
+        p._x = x
+        p._y = y
+        p._z = z
+        out.append(p)
+    return out
+
+
+def _colors(cls: Any, rgb: list, alpha: float) -> list:
+    if '_r' not in getattr(cls, '__slots__', ()):
+        return [cls(r=r, g=g, b=b, a=alpha) for r, g, b in rgb]
+    new, out = cls.__new__, []
+    for r, g, b in rgb:
+        c = new(cls)
+        c._check_fields = False
+        c._r = r
+        c._g = g
+        c._b = b
+        c._a = alpha
+        out.append(c)
+    return out
+
+
+def _set_unchecked(msg: Any, name: str, value: list) -> None:
+    if '_' + name in getattr(type(msg), '__slots__', ()):
+        setattr(msg, '_' + name, value)
+    else:  # another message implementation: the checked setter
+        setattr(msg, name, value)
