@@ -43,6 +43,17 @@ def small_log(tmp_path_factory) -> Path:
     return log
 
 
+def test_av2_pairs_reuse_sweeps_correctly(small_log):
+    log = AV2Log(small_log)
+    pairs = list(log.pairs(with_gt=False))
+    assert [(p.ts0, p.ts1) for p in pairs] == [(TS[0], TS[1]), (TS[1], TS[2])]
+    for p in pairs:
+        np.testing.assert_array_equal(p.points0, log.points(p.ts0))
+        np.testing.assert_array_equal(p.points1, log.points(p.ts1))
+        np.testing.assert_allclose(p.ego1_T_ego0, invert(log.pose(p.ts1)) @ log.pose(p.ts0), atol=1e-12)
+        assert p.is_ground0 is None and p.gt is None  # no map, no labels in this log
+
+
 @pytest.mark.parametrize('ext', ['.mcap', '.db3'])
 def test_av2_log_round_trip(small_log, tmp_path, ext):
     bag_dir, n = zbag.write_bag(tmp_path / f'out{ext}', zbag.records_from_av2_log(small_log),
@@ -327,6 +338,9 @@ def test_cli_to_bag_and_info(small_log, tmp_path, capsys):
     assert (tf.header.frame_id, tf.child_frame_id) == ('odom', 'ego')
     np.testing.assert_allclose([tf.transform.translation.x, tf.transform.translation.y],
                                AV2Log(small_log).pose(TS[2])[:2, 3], atol=1e-9)
+    assert main(['data', 'to-bag', str(KITTI), str(tmp_path / 'k.db3'), '--max-sweeps', '2']) == 0
+    assert 'wrote 2 sweeps of sweep folder' in capsys.readouterr().out
+    assert zbag.bag_info(tmp_path / 'k').storage == 'sqlite3'
     assert main(['data', 'info', str(tmp_path / 'x')]) == 0
     assert 'sensor_msgs/msg/PointCloud2' in capsys.readouterr().out
     assert main(['data', 'info', str(KITTI)]) == 0

@@ -314,14 +314,22 @@ class AV2Log:
                           opt('is_ground', bool), opt('instance_id', np.int32))
 
     def pairs(self, with_gt: bool = True) -> Iterator[Pair]:
+        """Consecutive sweep pairs; each sweep is read (and map-labelled) once, not twice."""
         ts = self.timestamps
+        prev = None
         for t0, t1 in zip(ts[:-1], ts[1:]):
-            yield self.pair(int(t0), int(t1), with_gt=with_gt)
+            pair = self.pair(int(t0), int(t1), with_gt=with_gt, _sweep0=prev)
+            prev = (pair.points1, pair.is_ground1)
+            yield pair
 
-    def pair(self, ts0: int, ts1: int, with_gt: bool = True) -> Pair:
-        p0, p1 = self.points(ts0), self.points(ts1)
+    def pair(self, ts0: int, ts1: int, with_gt: bool = True, _sweep0=None) -> Pair:
+        p0, g0 = _sweep0 if _sweep0 is not None else (None, None)
+        if p0 is None:
+            p0 = self.points(ts0)
+            g0 = self.ground_mask(p0, ts0)
+        p1 = self.points(ts1)
         return Pair(self.log_id, ts0, ts1, p0, p1, self.ego1_T_ego0(ts0, ts1),
-                    self.ground_mask(p0, ts0), self.ground_mask(p1, ts1),
+                    g0, self.ground_mask(p1, ts1),
                     self.gt_flow(ts0, ts1, p0) if with_gt else None)
 
 

@@ -14,6 +14,7 @@ sqlite3 one; without an extension ``--storage`` decides (default mcap).
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import sys
 from pathlib import Path
@@ -52,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help='storage plugin when OUT has no .mcap/.db3 extension (default mcap)')
     p.add_argument('--log-id', default=None, help='which log of an AV2 root to convert')
     p.add_argument('--split', default=None, help='split folder of an AV2 root (e.g. val)')
+    p.add_argument('--max-sweeps', type=int, default=None, help='convert only the first N sweeps')
     p.add_argument('--start-ns', type=int, default=1_000_000_000,
                    help='first stamp for sweep folders without recorded times, then nominal 10 Hz '
                         '(default 1 s: ROS reads a zero stamp as unset)')
@@ -87,6 +89,7 @@ def _av2_log_dir(source: Path, log_id: str | None, split: str | None) -> Path | 
 def _to_bag(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from zeroflow_ros.data.av2 import DataError
     from zeroflow_ros.data.bag import records_from_av2_log, records_from_sweeps, write_bag
     source = Path(args.source)
     log_dir = _av2_log_dir(source, args.log_id, args.split)
@@ -98,6 +101,10 @@ def _to_bag(args: argparse.Namespace) -> int:
     else:
         records = records_from_sweeps(source, args.poses, args.start_ns)
         kind = f'sweep folder {source}'
+    if args.max_sweeps is not None:
+        if args.max_sweeps < 1:
+            raise DataError(f'--max-sweeps: expected >= 1, got {args.max_sweeps}')
+        records = itertools.islice(records, args.max_sweeps)
     odom = None if args.no_odom else args.odom_topic
     bag_dir, n = write_bag(args.out, tqdm(records, desc='to-bag', unit='sweep'), topic=args.topic,
                            odom_topic=odom, frame_id=args.frame_id, odom_frame=args.odom_frame,
