@@ -342,7 +342,10 @@ def test_cli_to_bag_and_info(small_log, tmp_path, capsys):
     assert 'wrote 2 sweeps of sweep folder' in capsys.readouterr().out
     assert zbag.bag_info(tmp_path / 'k').storage == 'sqlite3'
     assert main(['data', 'info', str(tmp_path / 'x')]) == 0
-    assert 'sensor_msgs/msg/PointCloud2' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert 'sensor_msgs/msg/PointCloud2' in out
+    assert ("/lidar: frame 'ego', 1500x1 points, point_step 24, fields x:f32@0 y:f32@4 z:f32@8 "
+            'intensity:f32@12 ring:u16@16 offset_ns:i32@20') in out
     assert main(['data', 'info', str(KITTI)]) == 0
     assert '10 .bin sweeps, first has 114278 points' in capsys.readouterr().out
     assert main(['data', 'to-bag', str(tmp_path / 'nothing-here'), str(tmp_path / 'y.mcap')]) == 2

@@ -335,6 +335,20 @@ def iter_clouds(path: Path, topic: str) -> Iterator[BagCloud]:
         src.close()
 
 
+def first_cloud_layout(path: Path, topic: str) -> str:
+    """One line on the first PointCloud2 of a topic: frame, size, point_step and fields."""
+    names = {1: 'i8', 2: 'u8', 3: 'i16', 4: 'u16', 5: 'i32', 6: 'u32', 7: 'f32', 8: 'f64'}
+    src = _open_source(path)
+    try:
+        for _, msg in _messages(src, topic, POINTCLOUD2):
+            fields = ' '.join(f'{f.name}:{names.get(f.datatype, f.datatype)}@{f.offset}' for f in msg.fields)
+            return (f'frame {msg.header.frame_id!r}, {msg.width}x{msg.height} points, '
+                    f'point_step {msg.point_step}, fields {fields}')
+    finally:
+        src.close()
+    return 'no message'
+
+
 def _normalised_times(t: np.ndarray | None) -> np.ndarray | None:
     """Per-point times scaled to [0, 1] over the sweep (KISS-ICP's deskew input), None if unknown."""
     if t is None or len(t) == 0:

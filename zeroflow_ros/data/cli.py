@@ -122,6 +122,10 @@ def _print_bag(path: Path) -> None:
           f'start {info.start_ns} ns')
     for t in info.topics.values():
         print(f'  {t.name:30s} {t.msgtype:32s} {t.count:6d} msgs')
+    from zeroflow_ros.data.bag import POINTCLOUD2, first_cloud_layout
+    for t in info.topics.values():
+        if t.msgtype == POINTCLOUD2 and t.count:
+            print(f'  {t.name}: {first_cloud_layout(path, t.name)}')
 
 
 def _find_logs(path: Path) -> list:
