@@ -37,6 +37,7 @@ FLOW_FIELDS = ('flow_x', 'flow_y', 'flow_z')
 AV2_FLOW_COLUMNS = ('flow_tx_m', 'flow_ty_m', 'flow_tz_m')
 BACKGROUND = (0.08, 0.08, 0.10)
 STATIC_VALUE = 0.45  # grey level of static points on the dark background
+_LABEL_BOX = {'facecolor': BACKGROUND, 'edgecolor': 'none', 'alpha': 0.8, 'pad': 2}
 
 
 class RenderError(ValueError):
@@ -50,10 +51,12 @@ class RenderConfig:
     max_speed: float = 10.0        # m/s at full colour
     point_size: float = 1.5        # marker area (points^2)
     arrow_every: int = 20          # every n-th dynamic point gets an arrow
+    max_arrows: int = 300          # then at most this many, evenly spread (a picture, not a hedgehog)
     arrow_scale: float = 5.0       # arrow = scale x per-sweep flow
     dynamic_threshold: float = 0.5  # m/s, for inputs without is_dynamic
     max_error: float = 0.5         # m, top of the error colour scale
     dpi: int = 100
+    note: str = ''                 # drawn in orange on the prediction panel (e.g. 'UNTRAINED MODEL')
 
     def __post_init__(self) -> None:
         for name in ('range_m', 'max_speed', 'point_size', 'arrow_scale', 'max_error'):
@@ -292,7 +295,7 @@ def _draw_bev(ax: Any, cfg: RenderConfig, points: np.ndarray, colors: np.ndarray
     if arrows is not None and len(arrows[0]):
         p, f = arrows
         ax.quiver(-p[:, 1], p[:, 0], -f[:, 1] * cfg.arrow_scale, f[:, 0] * cfg.arrow_scale, angles='xy',
-                  scale_units='xy', scale=1.0, color='white', width=0.0025, headwidth=4, alpha=0.9)
+                  scale_units='xy', scale=1.0, color='white', width=0.0018, headwidth=4, alpha=0.85)
     # Ego vehicle: a 4.5 m x 1.9 m box, lidar at its centre, forward up.
     ax.add_patch(Rectangle((-0.95, -2.25), 1.9, 4.5, fill=False, edgecolor='white', linewidth=1.2))
     ax.plot([0, 0], [1.2, 2.25], color='white', linewidth=1.2)
@@ -313,6 +316,12 @@ def _arrows(cfg: RenderConfig, points: np.ndarray, flow: np.ndarray,
     r = cfg.range_m
     inside = (np.abs(points[:, 0]) < r) & (np.abs(points[:, 1]) < r)
     idx = np.flatnonzero(dyn & inside)[::cfg.arrow_every]
+    # One arrow per 1/40-of-the-view cell: dense near returns would otherwise bury the ego car.
+    cell = np.floor(points[idx, :2] / (cfg.range_m / 20.0)).astype(np.int64)
+    _, first = np.unique(cell, axis=0, return_index=True)
+    idx = idx[np.sort(first)]
+    if len(idx) > cfg.max_arrows:
+        idx = idx[np.linspace(0, len(idx) - 1, cfg.max_arrows).astype(np.int64)]
     return points[idx], flow[idx]
 
 
@@ -341,7 +350,10 @@ def render_frame(fr: FlowFrame, out_png: Path, cfg: RenderConfig) -> Path:
                   _arrows(cfg, pts, fr.flow, fr.is_dynamic & shown))
         n_dyn = int(np.count_nonzero(fr.is_dynamic & shown))
         ax.text(0.02, 0.98, f'prediction  {fr.name}\n{len(pts)} points, {n_dyn} dynamic',
-                transform=ax.transAxes, color='white', va='top', fontsize=9)
+                transform=ax.transAxes, color='white', va='top', fontsize=9, bbox=_LABEL_BOX)
+        if cfg.note:
+            ax.text(0.5, 0.06, cfg.note, transform=ax.transAxes, color=(1.0, 0.55, 0.0), ha='center',
+                    va='bottom', fontsize=10, fontweight='bold', bbox=_LABEL_BOX)
         _wheel(fig, (0.80 / panels, 0.80, 0.18 / panels, 0.18), cfg.max_speed)
         if has_gt:
             dt = float(fr.meta.get('dt', 0.1))
@@ -354,7 +366,7 @@ def render_frame(fr: FlowFrame, out_png: Path, cfg: RenderConfig) -> Path:
             _draw_bev(ax2, cfg, pts, flow_colors(fr.gt_flow, gt_speed, cfg.max_speed), _order(gt_speed),
                       _arrows(cfg, pts, fr.gt_flow, gdyn))
             ax2.text(0.02, 0.98, f'ground truth\n{int(gdyn.sum())} dynamic', transform=ax2.transAxes,
-                     color='white', va='top', fontsize=9)
+                     color='white', va='top', fontsize=9, bbox=_LABEL_BOX)
             err = np.linalg.norm(fr.flow.astype(np.float64) - fr.gt_flow, axis=1)
             cmap = plt.get_cmap('inferno')
             ecol = cmap(np.clip(err / cfg.max_error, 0, 1))[:, :3]
@@ -364,7 +376,8 @@ def render_frame(fr: FlowFrame, out_png: Path, cfg: RenderConfig) -> Path:
             _draw_bev(ax3, cfg, pts, ecol, order, None)
             epe = float(err[gvalid].mean()) if gvalid.any() else float('nan')
             ax3.text(0.02, 0.98, f'end-point error (0-{cfg.max_error:g} m)\nmean EPE {epe:.3f} m '
-                     'on valid non-ground', transform=ax3.transAxes, color='white', va='top', fontsize=9)
+                     'on valid non-ground', transform=ax3.transAxes, color='white', va='top', fontsize=9,
+                     bbox=_LABEL_BOX)
             fr.meta['epe'] = epe
         out_png = Path(out_png)
         out_png.parent.mkdir(parents=True, exist_ok=True)
@@ -440,12 +453,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--arrow-every', type=int, default=20, help='arrow for every n-th dynamic point')
     parser.add_argument('--arrow-scale', type=float, default=5.0,
                         help='arrow length = scale x per-sweep flow')
+    parser.add_argument('--max-arrows', type=int, default=300, help='at most this many arrows per panel')
     parser.add_argument('--every', type=int, default=1, help='render every n-th frame')
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = RenderConfig(range_m=args.range_m, px=args.px, max_speed=args.max_speed,
-                       arrow_every=args.arrow_every, arrow_scale=args.arrow_scale)
+                       arrow_every=args.arrow_every, arrow_scale=args.arrow_scale, max_arrows=args.max_arrows)
     try:
         res = render(args.input, args.out, cfg, topic=args.topic, gt_root=args.gt, gif=args.gif,
                      every=max(1, args.every))
