@@ -227,6 +227,17 @@ def test_lzf_rejects_corrupt_streams():
     assert zsw.lzf_decompress(bytes([1]) + b'ab' + bytes([(4 << 5) | 0, 1]), 8) == b'abababab'
 
 
+def test_sweep_folder_pairs():
+    folder = PJLAB / 'top_center_lidar'
+    mats = zsw.read_pose_file(PJLAB / 'top_center_lidar-pose.txt')[1]
+    pairs = list(zsw.iter_sweep_pairs(folder, PJLAB / 'top_center_lidar-pose.txt'))
+    assert len(pairs) == 4 and pairs[0].log_id == 'top_center_lidar'
+    np.testing.assert_allclose(pairs[2].ego1_T_ego0, invert(mats[3]) @ mats[2], atol=1e-12)
+    assert pairs[0].points0.shape == (80_787, 3) and pairs[0].points1.shape == (80_753, 3)
+    kitti = [p for _, p in zip(range(2), zsw.iter_sweep_pairs(KITTI, start_ns=5))]
+    assert kitti[0].ego1_T_ego0 is None and (kitti[0].ts0, kitti[1].ts1) == (5, 5 + 2 * 10**8)
+
+
 def test_kitti_timestamps_file(tmp_path):
     data = tmp_path / 'velodyne_points' / 'data'
     data.mkdir(parents=True)

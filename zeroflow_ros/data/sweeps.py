@@ -10,7 +10,8 @@
 Sweep times: integer file names of 16+ digits are taken as nanoseconds; else the last per-point time of a PCD
 ``timestamp``/``time`` field (seconds, the sweep's end); else a nominal rate (10 Hz) from ``start_ns``.
 KITTI raw's ``timestamps.txt`` next to a ``data/`` folder is used when present.
-Bad input raises :class:`SweepError` naming the file and what was expected.
+:func:`iter_sweep_pairs` gives the pair shape of :mod:`zeroflow_ros.data.av2` (ego motion from the
+pose file, or KISS-ICP). Bad input raises :class:`SweepError` naming the file and what was expected.
 """
 from __future__ import annotations
 
@@ -407,3 +408,33 @@ def poses_for_sweeps(path: Path, files: list[Path]) -> np.ndarray:
     if len(mats) < len(files):
         raise SweepError(f'{path}: {len(mats)} poses for {len(files)} sweeps (one line per sweep expected)')
     return mats[:len(files)]
+
+
+def iter_sweep_pairs(folder: Path, poses_file: Path | None = None, lidar_odometry=None,
+                     start_ns: int = 0) -> Iterator:
+    """Consecutive sweep pairs of a KITTI/PCD folder as :class:`~zeroflow_ros.data.av2.Pair`.
+
+    ``ego1_T_ego0`` = ``inv(P1) @ P0`` from a KITTI-style pose file; else, with ``lidar_odometry``
+    (an :class:`~zeroflow_ros.core.odometry.OdometryConfig`, or True for its defaults), estimated by
+    KISS-ICP; else None. Points are in the sensor frame of their own sweep; no ground, no labels.
+    """
+    from zeroflow_ros.core.geometry import invert
+    from zeroflow_ros.data.av2 import Pair
+    files = list_sweep_files(folder)
+    poses = poses_for_sweeps(poses_file, files) if poses_file else None
+    icp = None
+    if poses is None and lidar_odometry:
+        from zeroflow_ros.core.odometry import LidarOdometry, OdometryConfig
+        icp = LidarOdometry(lidar_odometry if isinstance(lidar_odometry, OdometryConfig) else None)
+    prev = None
+    for k, s in enumerate(iter_sweeps(folder, start_ns=start_ns)):
+        if icp is not None:
+            icp.register(s.points, s.stamp_ns)
+        if prev is not None:
+            if poses is not None:
+                T = invert(poses[k]) @ poses[k - 1]
+            else:
+                T = icp.last_motion() if icp is not None else None
+            yield Pair(Path(folder).name, int(prev.stamp_ns), int(s.stamp_ns), prev.points, s.points, T,
+                       None, None, None)
+        prev = s
