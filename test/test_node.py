@@ -232,6 +232,14 @@ def _diag(arr, node_name, key):
 
 # ------------------------------------------------------------------------- separate node process
 
+def _shm_free_mb() -> float:
+    try:
+        st = os.statvfs('/dev/shm')
+    except OSError:
+        return 0.0
+    return st.f_bavail * st.f_frsize / 2**20
+
+
 def _env(domain: int, profile: bool = True) -> dict:
     env = dict(os.environ)
     env.update(ROS_DOMAIN_ID=str(domain), ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST', OMP_NUM_THREADS='1')
@@ -284,10 +292,14 @@ def test_separate_process_large_clouds_and_pair(ros, tiny_model, tmp_path):
             ex.spin_once(timeout_sec=0.05)
         raise AssertionError(f'timeout; node log:\n{log_path.read_text()[-3000:]}')
 
+    # The profile's 64 MB shared-memory segment per process needs room in /dev/shm (Docker's
+    # default is 64 MB: run such containers with --shm-size=512m).
+    shm_free = _shm_free_mb()
+    shm_ok = shm_free >= 160
     try:
         spin_until(lambda: value('messages_received') == '0', 60)  # up, named by --ros-args
         received = 0
-        for reliability in ('reliable', 'best_effort'):
+        for reliability in ('reliable', 'best_effort') if shm_ok else ('reliable',):
             pub = subprocess.run([sys.executable, __file__, 'publish', '--topic', '/zf_proc/input/pointcloud',
                                   '--reliability', reliability, '--points', '100000', '--count', '20',
                                   '--rate', '10'],
@@ -318,6 +330,9 @@ def test_separate_process_large_clouds_and_pair(ros, tiny_model, tmp_path):
         ref, _ = offline_flow(offline, p0, p1, np.eye(4))
         got = np.stack([field_array(flows[0], k) for k in ('flow_x', 'flow_y', 'flow_z')], axis=1)
         assert np.abs(got - ref).max() <= 1e-5
+        if not shm_ok:
+            pytest.skip(f'/dev/shm has {shm_free:.0f} MB free: best-effort 100k clouds through the Fast DDS '
+                        'profile (64 MB segment per process) not checked; the rest of this test passed')
     finally:
         proc.terminate()
         try:
