@@ -122,6 +122,10 @@ def test_nn_engines_agree_with_bruteforce_indices():
     want = torch.stack(want)
     assert torch.equal(nn_brute(q, qm, t, tm), want)
     assert torch.equal(nn_kdtree(q, qm, t, tm), want)
+    # The GPU formulation (one matmul, centred) must find the same neighbours, here far from the
+    # origin where an uncentred |t|^2 - 2 q.t would lose the centimetres to cancellation.
+    off = torch.tensor([40.0, -35.0, 2.0])
+    assert torch.equal(nn_brute(q * 0.05 + off, qm, t * 0.05 + off, tm, exact=False), want)
 
 
 def test_distance_grid_interpolates_exact_distances():

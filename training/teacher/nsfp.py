@@ -197,6 +197,15 @@ class MaskedAdam:
         for p in self.params:
             p.grad = None
 
+    def select(self, rows: torch.Tensor) -> 'MaskedAdam':
+        """The same optimiser restricted to some batch rows (new leaf parameters, sliced moments)."""
+        out = MaskedAdam([p.detach()[rows].clone().requires_grad_(True) for p in self.params],
+                         self.lr, self.betas, self.eps, self.wd)
+        out.m = [m[rows].clone() for m in self.m]
+        out.v = [v[rows].clone() for v in self.v]
+        out.step_count = self.step_count
+        return out
+
 
 # ----------------------------------------------------------------------------------------------
 # loss
@@ -223,11 +232,24 @@ class _FixedTarget:
             self.grid = DistanceGrid([t[k, mk] for k, mk in enumerate(m)], cfg.dt_voxel,
                                      math.sqrt(cfg.trunc_sq_dist) + cfg.dt_voxel, target.device)
 
+    def select(self, rows: torch.Tensor) -> '_FixedTarget':
+        """The same targets restricted to some batch rows (CPU index tensor)."""
+        out = _FixedTarget.__new__(_FixedTarget)
+        out.engine = self.engine
+        dev_rows = rows.to(self.target.device)
+        out.target, out.tmask = self.target[dev_rows], self.tmask[dev_rows]
+        if self.engine == 'kdtree':
+            out.index = [self.index[i] for i in rows.tolist()]
+            out.trees = [self.trees[i] for i in rows.tolist()]
+        elif self.engine == 'dt':
+            out.grid = self.grid.select(dev_rows)
+        return out
+
     def sq_dist(self, query: torch.Tensor, qmask: torch.Tensor) -> torch.Tensor:
         if self.engine == 'dt':
             return self.grid.distance(query) ** 2
         if self.engine == 'kdtree':
-            q = query.detach().cpu().numpy()
+            q = np.nan_to_num(query.detach().cpu().numpy(), nan=0.0, posinf=0.0, neginf=0.0)
             qm = qmask.cpu().numpy()
             idx = np.zeros(qm.shape, dtype=np.int64)
             for k, tree in enumerate(self.trees):
@@ -343,15 +365,15 @@ def run_nsfp_batch(pairs: Sequence[tuple[np.ndarray, np.ndarray]], cfg: NSFPConf
         tgt0 = _FixedTarget(engine, x0, m0, cfg)
     trunc = cfg.trunc_sq_dist
 
-    best_fwd = [p.detach().clone() for p in fwd]
+    best_fwd = [p.detach().clone() for p in fwd]     # rows indexed by the original pair index
     best_fwd_loss = torch.full((K,), math.inf, dtype=torch.float64)
     best_fwd_total = torch.full((K,), math.inf, dtype=torch.float64)
     es_best = torch.full((K,), math.nan, dtype=torch.float64)  # early stopping's reference value
     bad = torch.zeros(K, dtype=torch.long)
-    active = torch.ones(K, dtype=torch.bool)
     iters = torch.zeros(K, dtype=torch.long)
     stop = ['max_iters'] * K
     fail: list[str | None] = [None] * K
+    rows = torch.arange(K)  # original pair index of each row of the working tensors
     t_setup = time.perf_counter() - t_start
 
     for it in range(cfg.iters):
@@ -364,24 +386,26 @@ def run_nsfp_batch(pairs: Sequence[tuple[np.ndarray, np.ndarray]], cfg: NSFPConf
         l_cyc = (_trunc_mean(tgt0.sq_dist(cyc, m0), m0, n0, trunc)
                  + _trunc_mean(_moving_sq_dist(engine, x0, m0, cyc, m0), m0, n0, trunc))
         loss = l_fwd + l_cyc
-        # One host sync per iteration for all K pairs.
+        # One host sync per iteration for the whole batch.
         lf, lt = torch.stack([l_fwd.detach(), loss.detach()]).double().cpu()
-        iters += active.long()
+        iters[rows] += 1
 
-        improved = active & (lf <= best_fwd_loss)
+        improved = lf <= best_fwd_loss[rows]
         if improved.any():
-            best_fwd_loss = torch.where(improved, lf, best_fwd_loss)
-            best_fwd_total = torch.where(improved, lt, best_fwd_total)
-            imp = improved.to(device)
+            orig = rows[improved]
+            best_fwd_loss[orig] = lf[improved]
+            best_fwd_total[orig] = lt[improved]
+            sel = torch.nonzero(improved).flatten().to(device)
             for b, p in zip(best_fwd, fwd):
-                b.copy_(torch.where(imp.view(-1, *([1] * (p.ndim - 1))), p.detach(), b))
+                b[orig.to(device)] = p.detach().index_select(0, sel)
 
         # EarlyStopping of the reference (utils.py): the first value only seeds `best`;
         # NaN stops; otherwise count iterations without an improvement of more than min_delta.
-        for k in torch.nonzero(active).flatten().tolist():
-            v = float(lt[k])
+        live = torch.ones(len(rows), dtype=torch.bool)
+        for r, k in enumerate(rows.tolist()):
+            v = float(lt[r])
             if not math.isfinite(v):
-                active[k] = False
+                live[r] = False
                 stop[k] = 'non_finite'
                 fail[k] = f'optimisation diverged: non-finite loss at iteration {it}'
                 continue
@@ -393,12 +417,23 @@ def run_nsfp_batch(pairs: Sequence[tuple[np.ndarray, np.ndarray]], cfg: NSFPConf
             else:
                 bad[k] += 1
                 if int(bad[k]) >= cfg.eff_patience:
-                    active[k] = False
+                    live[r] = False
                     stop[k] = 'early_stop'
-        if not bool(active.any()):
+        if not bool(live.any()):
             break
-        (loss.sum()).backward()
-        opt.step(active.to(device), cfg.lr_at(it))
+        loss.sum().backward()
+        opt.step(live.to(device), cfg.lr_at(it))
+        if not bool(live.all()):
+            # Drop the stopped pairs from the working tensors, so a batch costs what its live
+            # pairs cost (a GPU batch otherwise waits at full price for its slowest pair).
+            keep = torch.nonzero(live).flatten()
+            kd = keep.to(device)
+            rows = rows[keep]
+            x0, m0, n0 = x0[kd], m0[kd], n0[kd]
+            x1, m1, n1 = x1[kd], m1[kd], n1[kd]
+            tgt1, tgt0 = tgt1.select(keep), tgt0.select(keep)
+            opt = opt.select(kd)
+            fwd, bwd = opt.params[:len(fwd)], opt.params[len(fwd):]
     t_opt = time.perf_counter() - t_start - t_setup
 
     results = []
