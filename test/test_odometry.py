@@ -73,6 +73,8 @@ def test_api_and_bad_input():
         odo.register(walls, 2000)
     with pytest.raises(OdometryError, match=r'points: expected an \(N,3\) array'):
         odo.register(np.zeros(3), 3000)
+    with pytest.raises(OdometryError, match=r'is_ground: expected a bool mask of shape \(3,\)'):
+        odo.register(np.zeros((3, 3)), 3000, is_ground=np.zeros(2, bool))
     with pytest.raises(OdometryError, match='min_range < max_range'):
         LidarOdometry(OdometryConfig(min_range=5, max_range=1))
     odo.reset()

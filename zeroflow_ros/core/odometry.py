@@ -96,12 +96,13 @@ class LidarOdometry:
         self.stamps: list[int] = []
         self.poses: list[np.ndarray] = []
 
-    def register(self, points: np.ndarray, stamp_ns: int,
-                 point_times: np.ndarray | None = None) -> np.ndarray:
+    def register(self, points: np.ndarray, stamp_ns: int, point_times: np.ndarray | None = None,
+                 is_ground: np.ndarray | None = None) -> np.ndarray:
         """Add one sweep (N,3+) taken at ``stamp_ns``; returns its pose ``world_T_ego`` (float64).
 
         ``point_times``: per-point times normalised to [0, 1] over the sweep, used when
-        ``config.deskew`` is set.
+        ``config.deskew`` is set. ``is_ground``: a ground mask already computed (e.g. by
+        preprocessing), used instead of computing one when ``config.remove_ground`` is set.
         """
         pts = np.asarray(points)
         if pts.ndim != 2 or pts.shape[1] < 3:
@@ -113,7 +114,13 @@ class LidarOdometry:
         xyz = pts[:, :3].astype(np.float64)
         finite = np.isfinite(xyz).all(axis=1)
         if self.config.remove_ground:
-            finite &= ~geometric_ground(xyz, self.config.ground)
+            if is_ground is None:
+                is_ground = geometric_ground(xyz, self.config.ground)
+            is_ground = np.asarray(is_ground)
+            if is_ground.shape != (len(pts),) or is_ground.dtype != bool:
+                raise OdometryError(f'is_ground: expected a bool mask of shape ({len(pts)},), got '
+                                    f'{is_ground.dtype} {is_ground.shape}')
+            finite &= ~is_ground
         xyz = np.ascontiguousarray(xyz[finite])
         if point_times is not None and self.config.deskew:
             times = np.asarray(point_times, dtype=np.float64).reshape(-1)
