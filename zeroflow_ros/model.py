@@ -379,6 +379,10 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *,
     os.close(fd)
     try:
         torch.save(ckpt, tmp)
+        # mkstemp makes the file private (0600); a model is meant to be shared like any other file
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
