@@ -234,7 +234,8 @@ class Scene:
     ego_mode: str
     duration: float
     bounds: tuple[float, float, float, float]   # xmin, ymin, xmax, ymax of the generated area
-    building_footprints: list[tuple[np.ndarray, np.ndarray, float]] = field(default_factory=list)
+    # footprints the map leaves unmapped (NaN ground height): buildings, walls, hedges (centre, half, yaw)
+    unmapped_footprints: list[tuple[np.ndarray, np.ndarray, float]] = field(default_factory=list)
     crosswalks: list[np.ndarray] = field(default_factory=list)
     obstacles: list[tuple[float, float, float]] = field(default_factory=list)   # trunks, poles: x, y, r
     removed_agents: int = 0                 # moving agents dropped because they would collide
@@ -528,7 +529,7 @@ def _build_static_world(scene: Scene, rng, xs, ys, v_roads, h_roads, cfg: SceneC
                         P.add_box((c[0], c[1], z - 1.0 + (height + 1.0) / 2),
                                   (w / 2, depth / 2, (height + 1.0) / 2),
                                   yaw, reflectivity=rng.uniform(0.2, 0.7))
-                        scene.building_footprints.append((c.copy(), np.array([w / 2, depth / 2]), yaw))
+                        scene.unmapped_footprints.append((c.copy(), np.array([w / 2, depth / 2]), yaw))
                         if rng.random() < 0.3 and height > 8:      # setback upper storeys
                             P.add_box((c[0] + nrm[0] * 2, c[1] + nrm[1] * 2, z + height + 3.0),
                                       (w / 2 - 1.0, max(depth / 2 - 2.0, 0.5), 3.0), yaw,
@@ -539,12 +540,16 @@ def _build_static_world(scene: Scene, rng, xs, ys, v_roads, h_roads, cfg: SceneC
                     wh = rng.uniform(0.9, 2.6)
                     P.add_box((c[0], c[1], z - 0.5 + (wh + 0.5) / 2), (w / 2, 0.1, (wh + 0.5) / 2),
                               float(np.arctan2(u[1], u[0])), reflectivity=rng.uniform(0.2, 0.6))
+                    scene.unmapped_footprints.append((c.copy(), np.array([w / 2, 0.1]),
+                                                      float(np.arctan2(u[1], u[0]))))
                 else:               # hedge (porous)
                     c = centre_along + nrm * (setback + 0.6)
                     z = h(c[0], c[1])
                     hh = rng.uniform(0.6, 1.5)
                     P.add_box((c[0], c[1], z - 0.3 + (hh + 0.3) / 2), (w / 2, 0.6, (hh + 0.3) / 2),
                               float(np.arctan2(u[1], u[0])), reflectivity=0.25, porosity=0.3)
+                    scene.unmapped_footprints.append((c.copy(), np.array([w / 2, 0.6]),
+                                                      float(np.arctan2(u[1], u[0]))))
                 s += w + float(rng.choice([0.0, rng.uniform(2.0, 12.0)], p=[0.55, 0.45]))
 
     def sidewalk_lines():

@@ -428,7 +428,7 @@ def _write_feather(df, path: Path) -> None:
 
 
 def _ground_raster(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
-    """Ground height (float16, NaN under buildings) on 0.3 m cells over the scene bounds, and img_t_city.
+    """Ground height (float16, NaN under buildings/walls/hedges) on 0.3 m cells, and img_t_city.
 
     Cell (row i, col j) holds the surface height at its centre, as av2 reads it back by truncating
     ``img = s * (city + t)``.
@@ -459,11 +459,12 @@ def _ground_raster(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
         win = window(c, half)
         lx, ly = local(c, yaw, win)
         Z[win] = np.where((np.abs(lx) <= half[0]) & (np.abs(ly) <= half[1]), Z[win] + off, Z[win])
-    for c, half, yaw in scene.building_footprints:
-        win = window(c, half)
+    grow = 0.2      # a face's returns (2 cm noise) fall in cells whose centres lie within 0.2 m of it
+    for c, half, yaw in scene.unmapped_footprints:
+        win = window(c, half + grow)
         lx, ly = local(c, yaw, win)
-        # shrink by a cell so the ground right at a facade keeps a height
-        inside = (np.abs(lx) <= half[0] - RASTER_RES_M) & (np.abs(ly) <= half[1] - RASTER_RES_M)
+        # so a wall's returns never read the height of the ground next to it
+        inside = (np.abs(lx) <= half[0] + grow) & (np.abs(ly) <= half[1] + grow)
         Z[win] = np.where(inside, np.nan, Z[win])
     return Z.astype(np.float16), np.array([-x0, -y0])
 
