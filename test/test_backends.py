@@ -328,3 +328,30 @@ def test_bench_rows_ratios_and_resampling(model_dir):
     assert 'onnxruntime' in table and 'vs torch' in table
     with pytest.raises(ValueError, match='valid: tensorrt, onnxruntime, torch'):
         parse_runs(['tflite'], ['fp32'])
+
+
+def test_scatter_back_with_a_hand_built_network():
+    """Base-class contract with a network whose output is known: flow = the point itself, NaN for x > 20."""
+    from zeroflow_ros.backends.base import Backend, ModelSource
+    from zeroflow_ros.core.voxelize import PillarGrid
+
+    class Echo(Backend):
+        name = 'echo'
+
+        def _run(self, pc0, idx0, pc1, idx1):
+            out = pc0.copy()
+            out[pc0[:, 0] > 20] = np.nan
+            return out
+
+    grid = PillarGrid(pillar_size=0.8, divisor=4)
+    b = Echo(ModelSource(path=Path('.')), grid, 'cpu', 'fp32', threads=1)
+    p0 = np.array([[1, 2, 0], [30, 0, 0], [99, 0, 0], [-5, -5, 1], [0, 0, 5]], np.float32)
+    p1 = np.array([[0, 0, 0]], np.float32)
+    f, v = b.infer(p0, p1)
+    assert v.tolist() == [True, False, False, True, False]
+    assert np.array_equal(f[v], p0[v]) and not f[~v].any()
+    f, v = b.infer(p0[[0, 3]], p1)          # all finite: the fast path
+    assert v.all() and np.array_equal(f, p0[[0, 3]])
+    b.max_points = 1                         # clipped: one of the two kept, the other invalid
+    f, v = b.infer(p0[[0, 3]], p1)
+    assert v.sum() == 1 and np.array_equal(f[v], p0[[0, 3]][v])
