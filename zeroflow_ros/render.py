@@ -352,7 +352,7 @@ def render_frame(fr: FlowFrame, out_png: Path, cfg: RenderConfig) -> Path:
         ax.text(0.02, 0.98, f'prediction  {fr.name}\n{len(pts)} points, {n_dyn} dynamic',
                 transform=ax.transAxes, color='white', va='top', fontsize=9, bbox=_LABEL_BOX)
         if cfg.note:
-            ax.text(0.5, 0.06, cfg.note, transform=ax.transAxes, color=(1.0, 0.55, 0.0), ha='center',
+            ax.text(0.98, 0.02, cfg.note, transform=ax.transAxes, color=(1.0, 0.55, 0.0), ha='right',
                     va='bottom', fontsize=10, fontweight='bold', bbox=_LABEL_BOX)
         _wheel(fig, (0.80 / panels, 0.80, 0.18 / panels, 0.18), cfg.max_speed)
         if has_gt:

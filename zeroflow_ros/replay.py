@@ -440,7 +440,8 @@ def _replay_in_context(cfg: ReplayConfig, ctx: Any, odom_msgs: list[BagMessage],
     lock = threading.Lock()
     clock_ns = [0]  # the replay clock (bag time), log time of recorded messages
     flows: dict[int, tuple[float, int, int]] = {}  # stamp -> (recv wall time, points, dynamic)
-    debug_order: list[float] = []
+    flow_order: list[int] = []       # stamps in arrival order
+    node_total: dict[int, float] = {}  # stamp -> the node's ~/debug/total_ms
     diag: dict[str, str] = {}
     flow_event = threading.Event()
 
@@ -450,6 +451,7 @@ def _replay_in_context(cfg: ReplayConfig, ctx: Any, odom_msgs: list[BagMessage],
         dyn = _count_dynamic(msg)
         with lock:
             flows[stamp] = (t, int(msg.width) * int(msg.height), dyn)
+            flow_order.append(stamp)
         if recorder is not None:
             recorder.write(flow_topic, POINTCLOUD2, msg, clock_ns[0])
         flow_event.set()
@@ -473,8 +475,11 @@ def _replay_in_context(cfg: ReplayConfig, ctx: Any, odom_msgs: list[BagMessage],
 
         def cb(msg: Any) -> None:
             if key == 'total':
+                # Float64 has no stamp: the node publishes it right after the flow it times, so
+                # it belongs to the newest flow still without one (a lost one leaves a nan).
                 with lock:
-                    debug_order.append(float(msg.data))
+                    if flow_order and flow_order[-1] not in node_total:
+                        node_total[flow_order[-1]] = float(msg.data)
             if recorder is not None:
                 recorder.write(topic, FLOAT64, msg, clock_ns[0])
         return cb
@@ -616,7 +621,7 @@ def _replay_in_context(cfg: ReplayConfig, ctx: Any, odom_msgs: list[BagMessage],
         with lock:
             got = dict(flows)
             summary.node_diagnostics = dict(diag)
-            totals = list(debug_order)
+            totals = dict(node_total)
         index = {s: i for i, s in enumerate(stamps)}
         for stamp in sorted(got, key=lambda s: index.get(s, -1)):
             if stamp not in index:
@@ -625,12 +630,7 @@ def _replay_in_context(cfg: ReplayConfig, ctx: Any, odom_msgs: list[BagMessage],
             t_recv, npts, ndyn = got[stamp]
             nxt = stamps[i + 1] if i + 1 < len(stamps) else None
             lat = (t_recv - sent_at[nxt]) * 1e3 if nxt is not None else float('nan')
-            k = len(summary.frames)
-            # Debug timings carry no stamp; pair them by order. When some are missing it is the
-            # first ones (sent before the node's best-effort writer matched us): align from the end.
-            j = k - (len(got) - len(totals))
-            node_ms = totals[j] if 0 <= j < len(totals) and len(totals) <= len(got) else float('nan')
-            fr = FrameResult(i, stamp, npts, ndyn, lat, node_ms)
+            fr = FrameResult(i, stamp, npts, ndyn, lat, totals.get(stamp, float('nan')))
             summary.frames.append(fr)
             summary.latencies_ms.append(lat)
             summary.node_total_ms.append(fr.node_total_ms)
