@@ -154,11 +154,9 @@ def test_geometric_ground_on_synthetic_sequence(tmp_path):
     pts = log.points(int(log.timestamps[0]))
     truth = log.gt_flow(int(log.timestamps[0])).is_ground
     prec, rec = precision_recall(geometric_ground(pts), truth)
-    # The simulator's truth is strict (only rays that hit road/sidewalk/curb); even the map rule
-    # (|z - h| <= 0.3) reaches only ~0.9 precision against it, so compare with that baseline.
-    map_prec, map_rec = precision_recall(log.ground_mask(pts, int(log.timestamps[0])), truth)
-    assert map_rec > 0.99 and rec > 0.98, (rec, map_rec)
-    assert prec > map_prec - 0.1, (prec, map_prec)
+    # The simulator's truth is strict (only rays that hit road/sidewalk/curb). Most false positives
+    # are the lowest 0.2-0.3 m of walls and hedges, which a height rule cannot tell from the road.
+    assert rec > 0.98 and prec > 0.8, (prec, rec)
 
 
 def test_ground_raster_rule():
