@@ -409,6 +409,7 @@ def train(cfg: TrainConfig, data_root: Path, labels: Path | None, run_dir: Path,
                  *model_cfg.grid.shape, dev, len(train_set), steps_per_epoch, cfg.epochs, cfg.batch_size,
                  dist.world, cfg.amp if use_amp else 'off')
     stopped = None
+    skipped = 0
     epoch_times: list[float] = []
     last_val: dict[str, float] = {}
     with StopFlag() as stop:
@@ -430,6 +431,11 @@ def train(cfg: TrainConfig, data_root: Path, labels: Path | None, run_dir: Path,
                 b = batch['batch_size']
                 tens = {k: batch[k].to(dev, non_blocking=pin) for k in
                         ('pc0', 'idx0', 'pc1', 'idx1', 'target', 'valid', 'batch_index')}
+                if _all_ranks_any(len(tens['pc0']) < 2 or len(tens['pc1']) < 2, dist, dev):
+                    # BatchNorm cannot normalise a batch without points; every rank skips together
+                    skipped += 1
+                    log.warning('step skipped: a batch without points in range (pairs %s)', batch['keys'])
+                    continue
                 ctx = torch.autocast(dev.type, dtype=amp_dtype) if use_amp else contextlib.nullcontext()
                 with ctx:
                     flow = net(tens['pc0'], tens['idx0'], tens['pc1'], tens['idx1'], b)
@@ -449,10 +455,11 @@ def train(cfg: TrainConfig, data_root: Path, labels: Path | None, run_dir: Path,
                     raise TrainError(f'loss became {out.logs["loss"]} at step {step} '
                                      f'(pairs {batch["keys"]}); state saved to {run_dir / "nonfinite.pt"}; '
                                      'lower lr or set grad_clip')
+                logs = _mean_over_ranks(out.logs, dist, dev)
                 metrics.write({'split': 'train', 'epoch': epoch, 'step': step, 'lr': lr,
-                               'seconds': time.perf_counter() - t0, **out.logs})
+                               'seconds': time.perf_counter() - t0, **logs})
                 if bar is not None:
-                    bar.set_postfix(loss=f'{out.logs["loss"]:.4f}', epe=f'{out.logs["epe"]:.3f}')
+                    bar.set_postfix(loss=f'{logs["loss"]:.4f}', epe=f'{logs["epe"]:.3f}')
                     bar.update(1)
                 if stop.signum is not None or (max_steps and step >= max_steps):
                     stopped = signal.Signals(stop.signum).name if stop.signum else 'max_steps'
@@ -487,7 +494,33 @@ def train(cfg: TrainConfig, data_root: Path, labels: Path | None, run_dir: Path,
         td.barrier()
         td.destroy_process_group()
     return {'step': step, 'stopped': stopped, 'epoch_seconds': epoch_times, 'val': last_val,
-            'run_dir': str(run_dir)}
+            'run_dir': str(run_dir), 'skipped_batches': skipped}
+
+
+def _all_ranks_any(flag: bool, dist: Dist, dev) -> bool:
+    if dist.world == 1:
+        return flag
+    import torch
+    import torch.distributed as td
+    t = torch.tensor([1.0 if flag else 0.0], device=dev)
+    td.all_reduce(t, op=td.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _mean_over_ranks(logs: dict[str, float], dist: Dist, dev) -> dict[str, float]:
+    """Average the step's figures over the processes (the curve then describes the global batch)."""
+    if dist.world == 1:
+        return logs
+    import torch
+    import torch.distributed as td
+    keys = ('loss', 'epe', 'mean_weight', 'valid_points')
+    t = torch.tensor([float(logs.get(k, 0.0)) for k in keys], device=dev, dtype=torch.float64)
+    td.all_reduce(t)
+    out = dict(logs)
+    for k, v in zip(keys, (t / dist.world).tolist()):
+        out[k] = v
+    out['valid_points'] = int(round(out['valid_points'] * dist.world))
+    return out
 
 
 # --- validation ------------------------------------------------------------------------------------
