@@ -234,6 +234,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--warmup', type=int, default=2, help='untimed calls first (default %(default)s)')
     parser.add_argument('--threads', type=int, default=None,
                         help='CPU threads for onnxruntime/torch (default: all cores)')
+    parser.add_argument('--ort-spin', action='store_true',
+                        help='let onnxruntime worker threads busy-wait (off by default, as in the node)')
     parser.add_argument('--json', metavar='OUT', help='write the full report as JSON')
 
 
@@ -250,7 +252,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f'exporting an untrained {args.config} model (latency does not depend on weights) ...')
             model = prepare_model(args.config, tmp)
-        report = run_bench(model, runs, points, args.device, args.repeats, args.warmup, args.threads)
+        options = {'onnxruntime': {'spin': True}} if args.ort_spin else None
+        report = run_bench(model, runs, points, args.device, args.repeats, args.warmup, args.threads,
+                           options)
     report['config'] = args.config if not args.model else None
     if hasattr(os, 'getloadavg'):
         report['machine']['loadavg_after'] = [round(v, 2) for v in os.getloadavg()]

@@ -30,7 +30,13 @@ class OrtBackend(Backend):
     name = 'onnxruntime'
 
     def __init__(self, source: ModelSource, device: str = 'cpu', precision: str = 'fp32',
-                 threads: int | None = None, verify_sha: bool = True) -> None:
+                 threads: int | None = None, verify_sha: bool = True, spin: bool = False) -> None:
+        """Open ``source.onnx``; ``spin`` lets idle worker threads busy-wait between ops.
+
+        Spinning is off by default: on a vehicle computer the cores are shared with the lidar
+        driver and other nodes, and on a loaded 2-core machine spinning threads cost ~50 % more CPU
+        per call and were slower, not faster (see bench/results).
+        """
         if source.onnx is None or source.manifest is None:
             raise BackendError(f'onnxruntime: {source.path} has no ONNX model with a manifest')
         if device not in ('cpu', 'cuda'):
@@ -56,6 +62,8 @@ class OrtBackend(Backend):
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        opts.add_session_config_entry('session.intra_op.allow_spinning', '1' if spin else '0')
+        opts.add_session_config_entry('session.inter_op.allow_spinning', '1' if spin else '0')
         if device == 'cuda':
             if 'CUDAExecutionProvider' not in ort.get_available_providers():
                 raise BackendError('onnxruntime: CUDAExecutionProvider not available '
@@ -81,6 +89,7 @@ class OrtBackend(Backend):
         self._in_names = [t.name for t in manifest.inputs]
         self._out_name = manifest.outputs[0].name
         self._version = ort.__version__
+        self.spin = spin
 
     def _run(self, pc0: np.ndarray, idx0: np.ndarray, pc1: np.ndarray, idx1: np.ndarray) -> np.ndarray:
         feeds = dict(zip(self._in_names, (pc0, idx0, pc1, idx1)))
@@ -88,4 +97,5 @@ class OrtBackend(Backend):
         return np.asarray(flow, dtype=np.float32)
 
     def _extra_description(self) -> dict[str, Any]:
-        return {'providers': self.providers, 'onnx': str(self.source.onnx), 'onnxruntime': self._version}
+        return {'providers': self.providers, 'onnx': str(self.source.onnx), 'onnxruntime': self._version,
+                'spin': self.spin}
