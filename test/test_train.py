@@ -144,6 +144,16 @@ def test_cli_full_run_validates_and_writes_a_loadable_model(data, tmp_path):
     assert meta['optimizer'] is None and meta['train_config']['augment_yaw'] is False
     assert model.cfg == get_config('cpu_small', **TINY) and meta['epoch'] == 1
     assert (run / 'last.pt').is_file() and (run / 'best.pt').is_file() and (run / 'config.yaml').is_file()
+    # the epoch validation is the official evaluation: zeroflow predict + zeroflow eval agree
+    import json
+    pred = tmp_path / 'pred'
+    assert main(['predict', str(root), '--split', 'val', '--method', 'student', '--model',
+                 str(run / 'model.pt'), '--backend', 'torch', '--device', 'cpu', '--out', str(pred),
+                 '--workers', '1']) == 0
+    assert main(['eval', str(pred), str(root), '--split', 'val', '--out', str(tmp_path / 'ev')]) == 0
+    official = json.loads((tmp_path / 'ev' / 'metrics.json').read_text())['threeway']
+    assert float(val[0]['epe_3way']) == pytest.approx(official['EPE 3-Way Average'], rel=1e-5)
+    assert float(val[0]['dynamic_iou']) == pytest.approx(official['Dynamic IoU'], rel=1e-5)
     # bad input gives a clear message and exit code 2, not a traceback
     assert main(['train', '--labels', str(tmp_path / 'nope'), '--data', str(root), '--config', str(cfg_file),
                  '--out', str(tmp_path / 'r2')]) == 2
