@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,24 +64,16 @@ def _xyz(msg) -> np.ndarray:
     return np.stack([raw[:, offs[c]:offs[c] + 4].copy().view('<f4').reshape(-1) for c in 'xyz'], axis=1)
 
 
-def _check_recording(assets, summary, name: str) -> None:
+def _check_recording(assets, record: Path, name: str) -> None:
     from mcap.reader import make_reader
     from rosbags.rosbag2 import Reader
 
     from zeroflow_ros.data.bag import typestore
     recs = assets['records']
-    assert summary.sweeps_in == SWEEPS
-    assert summary.expected == SWEEPS - 1
-    assert summary.flows_out == SWEEPS - 1, summary.line()
-    assert summary.dropped == 0 and summary.frame_timeouts == 0
-    assert all(np.isfinite(summary.latencies_ms)) and min(summary.latencies_ms) > 0
-    assert summary.backend == 'torch' and summary.device == 'cpu'
-    assert f'flows out {SWEEPS - 1}/{SWEEPS - 1}' in summary.line()
-
     flow_topic = f'/{name}/output/flow'
     ts = typestore()
     flows = []
-    with Reader(summary.record) as reader:
+    with Reader(record) as reader:
         types = {c.topic: c.msgtype for c in reader.connections}
         assert types[flow_topic] == 'sensor_msgs/msg/PointCloud2'
         assert types[f'/{name}/output/flow_markers'] == 'visualization_msgs/msg/Marker'
@@ -97,8 +90,8 @@ def _check_recording(assets, summary, name: str) -> None:
         np.testing.assert_array_equal(_xyz(msg), recs[k].points.astype(np.float32))
 
     # The same file through the plain mcap reader: ros2msg schemas, cdr messages.
-    files = list(Path(summary.record).glob('*.mcap'))
-    assert len(files) == 1 and (Path(summary.record) / 'metadata.yaml').is_file()
+    files = list(Path(record).glob('*.mcap'))
+    assert len(files) == 1 and (Path(record) / 'metadata.yaml').is_file()
     with open(files[0], 'rb') as fh:
         r = make_reader(fh)
         n = 0
@@ -109,16 +102,40 @@ def _check_recording(assets, summary, name: str) -> None:
     assert n == SWEEPS - 1
 
 
-def test_replay_rate_1_records_one_flow_per_sweep(ros_domain, assets):
-    summary = _replay(assets, 1.0, 'zf_replay_rt')
-    _check_recording(assets, summary, 'zf_replay_rt')
-    # Real-time pacing: the sweeps went out over about (SWEEPS-1) x 0.3 s, not at once.
-    assert summary.wall_s >= (SWEEPS - 1) * SPACING_NS / 1e9
+def test_replay_cli_rate_1_records_one_flow_per_sweep(ros_domain, assets, capsys):
+    from zeroflow_ros.cli import main
+    name = 'zf_replay_rt'
+    rec = assets['tmp'] / f'{name}.mcap'
+    argv = ['replay', str(assets['bag']), '--topic', '/lidar', '--odom', '/odom', '--rate', '1.0',
+            '--record', str(rec), '--node-name', name, '--timeout', '90', '--frame-timeout', '30',
+            '--node-log', str(assets['tmp'] / f'{name}.log')]
+    for p in (f'model:={assets["model"]}', 'backend:=torch', 'device:=cpu', 'warmup_iterations:=1'):
+        argv += ['--node-param', p]
+    t0 = time.monotonic()
+    assert main(argv) == 0
+    wall = time.monotonic() - t0
+    out = capsys.readouterr().out
+    frames = [line for line in out.splitlines() if line.startswith('sweep ')]
+    assert len(frames) == SWEEPS - 1, out
+    assert (f'replay: sweeps in {SWEEPS}, flows out {SWEEPS - 1}/{SWEEPS - 1}, dropped 0, frame timeouts 0'
+            in out), out
+    assert 'backend torch/cpu' in out
+    _check_recording(assets, rec.with_suffix(''), name)
+    # Real-time pacing: the sweeps went out over (SWEEPS-1) x 0.3 s, not at once.
+    assert wall >= (SWEEPS - 1) * SPACING_NS / 1e9
 
 
 def test_replay_rate_0_lossless(ros_domain, assets):
-    summary = _replay(assets, 0.0, 'zf_replay_max')
-    _check_recording(assets, summary, 'zf_replay_max')
+    name = 'zf_replay_max'
+    summary = _replay(assets, 0.0, name)
+    assert (summary.sweeps_in, summary.expected, summary.flows_out) == (SWEEPS, SWEEPS - 1, SWEEPS - 1), \
+        summary.line()
+    assert summary.dropped == 0 and summary.frame_timeouts == 0 and not summary.truncated
+    assert all(np.isfinite(summary.latencies_ms)) and min(summary.latencies_ms) > 0
+    assert summary.backend == 'torch' and summary.device == 'cpu'
+    assert summary.recorded[f'/{name}/output/flow'] == SWEEPS - 1
+    assert summary.node_diagnostics.get('flows_published') == str(SWEEPS - 1)
+    _check_recording(assets, summary.record, name)
 
 
 # ---------------------------------------------------------------------------------- bad input

@@ -400,7 +400,8 @@ def replay(cfg: ReplayConfig, on_frame: Callable[[FrameResult], None] | None = N
             log.info('starting %s (ROS_DOMAIN_ID=%d, log %s)', ' '.join(cmd), domain, log_path)
             node_proc = _NodeProcess(cmd, env, log_path)
         with _ros_context(domain) as ctx:
-            summary = _replay_in_context(cfg, ctx, odom_msgs, n_clouds, recorder, node_proc, on_frame)
+            summary = _replay_in_context(cfg, ctx, odom_msgs, n_clouds, int(info.start_ns), recorder,
+                                         node_proc, on_frame)
     finally:
         if recorder is not None:
             recorder.close()
@@ -417,7 +418,7 @@ def replay(cfg: ReplayConfig, on_frame: Callable[[FrameResult], None] | None = N
     return summary
 
 
-def _replay_in_context(cfg: ReplayConfig, ctx: Any, odom_msgs: list[BagMessage], n_clouds: int,
+def _replay_in_context(cfg: ReplayConfig, ctx: Any, odom_msgs: list[BagMessage], n_clouds: int, start_ns: int,
                        recorder: _Recorder | None, node_proc: _NodeProcess | None,
                        on_frame: Callable[[FrameResult], None] | None) -> ReplaySummary:
     import rclpy
@@ -537,6 +538,19 @@ def _replay_in_context(cfg: ReplayConfig, ctx: Any, odom_msgs: list[BagMessage],
                     f"ROS_DOMAIN_ID={os.environ.get('ROS_DOMAIN_ID')}); "
                     + ('is the node running with that name and input topic?' if node_proc is None
                        else 'node log:\n' + node_proc.tail()))
+
+        def publish_clock(ns: int) -> None:
+            clock_ns[0] = max(clock_ns[0], ns)
+            m = Clock()
+            m.clock.sec, m.clock.nanosec = divmod(clock_ns[0], 1_000_000_000)
+            clock_pub.publish(m)
+
+        # Readiness: a diagnostics message proves the node is built, spinning and has matched
+        # our readers (our side matching alone does not say that about its side). Its timer runs
+        # on sim time: it fires once /clock reaches the bag's start.
+        publish_clock(max(start_ns, 0))
+        if not wait_for(alive_and(lambda: bool(diag)), min(cfg.timeout, 10.0), 0.02):
+            log.info('no diagnostics from %s yet; starting anyway', name)
         log.info('node %s matched; replaying %d clouds at rate %s', name, n_clouds, cfg.rate or 'max')
 
         stamps: list[int] = []
@@ -544,12 +558,6 @@ def _replay_in_context(cfg: ReplayConfig, ctx: Any, odom_msgs: list[BagMessage],
         t0_wall = None
         t0_log = None
         prev_stamp_waited = None
-
-        def publish_clock(ns: int) -> None:
-            clock_ns[0] = max(clock_ns[0], ns)
-            m = Clock()
-            m.clock.sec, m.clock.nanosec = divmod(clock_ns[0], 1_000_000_000)
-            clock_pub.publish(m)
 
         for bm in iter_messages(cfg.bag, cfg.topic, odom_msgs):
             if node_proc is not None:
