@@ -355,3 +355,32 @@ def test_scatter_back_with_a_hand_built_network():
     b.max_points = 1                         # clipped: one of the two kept, the other invalid
     f, v = b.infer(p0[[0, 3]], p1)
     assert v.sum() == 1 and np.array_equal(f[v], p0[[0, 3]][v])
+
+
+def test_backends_import_without_torch_onnxruntime_or_tensorrt():
+    import subprocess
+    import sys
+
+    code = ('import sys, zeroflow_ros.backends, zeroflow_ros.manifest, zeroflow_ros.bench\n'
+            'from zeroflow_ros.backends import base, ort_backend, torch_backend, trt_backend\n'
+            'print(sorted(m for m in ("torch", "onnxruntime", "tensorrt", "onnx") if m in sys.modules))')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == '[]'
+
+
+def test_bench_cli_writes_json(model_dir, tmp_path, capsys):
+    import json
+
+    from zeroflow_ros.cli import main
+
+    out = tmp_path / 'bench.json'
+    rc = main(['bench', '--model', str(model_dir), '--backends', 'onnxruntime', '--points', '2000,5000',
+               '--repeats', '2', '--warmup', '0', '--device', 'cpu', '--threads', '1', '--json', str(out)])
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    runs = [(r['backend'], r['precision']) for r in rep['results']]
+    assert runs == [('torch', 'fp32'), ('onnxruntime', 'fp32')]
+    assert set(rep['results'][1]['by_points']) == {'2000', '5000'}
+    assert rep['results'][1]['describe']['threads'] == 1 and rep['results'][1]['describe']['spin'] is False
+    printed = capsys.readouterr().out
+    assert 'onnxruntime  cpu   fp32     5000' in printed
