@@ -162,7 +162,8 @@ def _cyl(cx, cy, z0, z1, r, refl) -> Part:
     return Part('cyl', np.array([cx, cy, (z0 + z1) / 2]), np.array([r, (z1 - z0) / 2, 0.0]), refl)
 
 
-VEHICLE_MIX = (('REGULAR_VEHICLE', 0.80), ('BOX_TRUCK', 0.12), ('BUS', 0.08))
+VEHICLE_MIX = (('REGULAR_VEHICLE', 0.72), ('LARGE_VEHICLE', 0.08), ('BOX_TRUCK', 0.09), ('BUS', 0.06),
+               ('TRUCK', 0.05))
 
 
 def vehicle_body(rng: np.random.Generator, category: str) -> tuple[list[Part], np.ndarray]:
@@ -179,6 +180,16 @@ def vehicle_body(rng: np.random.Generator, category: str) -> tuple[list[Part], n
         cab = 1.9
         parts = [_box(L / 2 - cab / 2 - 0.03, 0, 0.35, 2.6, cab / 2 - 0.03, W / 2 - 0.08, refl),
                  _box(-cab / 2, 0, 0.6, H - 0.03, (L - cab) / 2 - 0.1, W / 2 - 0.03, refl * 0.9)]
+    elif category == 'LARGE_VEHICLE':     # vans, large pick-ups
+        L, W, H = rng.uniform(5.0, 6.2), rng.uniform(1.95, 2.15), rng.uniform(1.9, 2.7)
+        parts = [_box(0.3, 0, 0.25, H - 0.03, L / 2 - 0.33, W / 2 - 0.03, refl),
+                 _box(L / 2 - 0.3, 0, 0.3, 0.55 * H, 0.27, W / 2 - 0.06, refl)]
+    elif category == 'TRUCK':             # rigid truck: cab and a lower flatbed load
+        L, W, H = rng.uniform(7.0, 10.0), rng.uniform(2.4, 2.55), rng.uniform(3.0, 3.5)
+        cab = 2.2
+        parts = [_box(L / 2 - cab / 2 - 0.03, 0, 0.4, H - 0.03, cab / 2 - 0.03, W / 2 - 0.05, refl),
+                 _box(-cab / 2, 0, 0.9, rng.uniform(1.4, H - 0.1), (L - cab) / 2 - 0.1, W / 2 - 0.03,
+                      refl * 0.8)]
     elif category == 'BUS':
         L, W, H = rng.uniform(11.0, 13.0), 2.55, rng.uniform(3.0, 3.3)
         parts = [_box(0, 0, 0.3, H - 0.03, L / 2 - 0.03, W / 2 - 0.03, refl)]
@@ -194,6 +205,16 @@ def pedestrian_body(rng: np.random.Generator) -> tuple[list[Part], np.ndarray]:
              _cyl(0, 0, 0.5 * H, 0.85 * H, rng.uniform(0.18, 0.24), refl),
              _cyl(0, 0, 0.85 * H, H - 0.02, 0.1, refl)]
     return parts, np.array([0.6, 0.6, H])
+
+
+def motorcyclist_body(rng: np.random.Generator) -> tuple[list[Part], list[tuple]]:
+    refl = float(rng.uniform(0.3, 0.8))
+    parts = [_box(0, 0, 0.2, 1.0, 1.0, 0.18, refl),
+             _cyl(-0.2, 0, 0.9, 1.45, 0.22, refl * 0.7),
+             _cyl(-0.1, 0, 1.45, 1.68, 0.13, refl)]
+    tracks = [('MOTORCYCLE', np.array([2.15, 0.8, 1.15]), np.array([0.0, 0.0, 0.575])),
+              ('MOTORCYCLIST', np.array([0.9, 0.8, 1.72]), np.array([-0.15, 0.0, 0.86]))]
+    return parts, tracks
 
 
 def cyclist_body(rng: np.random.Generator) -> tuple[list[Part], list[tuple[str, np.ndarray, np.ndarray]]]:
@@ -216,6 +237,7 @@ class SceneConfig:
     parked_density: float = 0.45            # fraction of parking lane length filled
     pedestrians_per_100m: float = 4.0
     cyclist_prob: float = 0.35
+    motorcyclist_prob: float = 0.12
     tree_spacing_m: tuple[float, float] = (9.0, 22.0)
     ego_modes: tuple[tuple[str, float], ...] = (
         ('cruise', 0.35), ('turn', 0.25), ('stop', 0.2), ('start', 0.2))
@@ -604,9 +626,16 @@ def _build_static_world(scene: Scene, rng, xs, ys, v_roads, h_roads, cfg: SceneC
             s += rng.uniform(25.0, 40.0)
         if rng.random() < 0.5:         # a sign (annotated) near the end of the strip
             c = p0 + u * (length - rng.uniform(2, 6)) + out * 0.4
-            parts = [_cyl(0, 0, 0.0, 2.2, 0.04, 0.5), _box(0, 0, 2.2, 2.8, 0.03, 0.3, 0.95)]
+            kind = 'STOP_SIGN' if rng.random() < 0.4 else 'SIGN'
+            half_w = 0.38 if kind == 'STOP_SIGN' else 0.3
+            parts = [_cyl(0, 0, 0.0, 2.2, 0.04, 0.5), _box(0, 0, 2.2, 2.2 + 2 * half_w, 0.03, half_w, 0.95)]
             static_agent(c[0], c[1], yaw + np.pi / 2, parts,
-                         [('SIGN', np.array([0.12, 0.66, 2.86]), np.array([0.0, 0.0, 1.43]))], 'sign')
+                         [(kind, np.array([0.12, 2 * half_w + 0.06, 2.26 + 2 * half_w]),
+                           np.array([0.0, 0.0, 1.13 + half_w]))], 'sign')
+        if rng.random() < 0.2:         # a parked bicycle against the building side of the strip
+            c = p0 + u * rng.uniform(1, max(length - 1, 2)) + out * (road.sidewalk - 0.5)
+            static_agent(c[0], c[1], yaw, [_box(0, 0, 0.05, 1.0, 0.82, 0.05, 0.4)],
+                         [('BICYCLE', np.array([1.8, 0.5, 1.1]), np.array([0.0, 0.0, 0.55]))], 'bicycle')
         if rng.random() < 0.3:         # a row of bollards
             base = p0 + u * rng.uniform(0, max(length - 8, 1)) + out * 0.3
             for i in range(int(rng.integers(2, 6))):
@@ -638,10 +667,16 @@ def _build_static_world(scene: Scene, rng, xs, ys, v_roads, h_roads, cfg: SceneC
                 base = p0 + u * rng.uniform(0, max(length - 10, 1)) - out * (road.parking - 0.4)
                 for i in range(int(rng.integers(3, 7))):
                     c = base + u * 2.0 * i
-                    static_agent(c[0], c[1], yaw, [_cyl(0, 0, 0.0, 0.7, 0.15, 0.9)],
-                                 [('CONSTRUCTION_CONE', np.array([0.36, 0.36, 0.74]),
-                                   np.array([0, 0, 0.37]))],
-                                 'cone')
+                    if rng.random() < 0.7:
+                        static_agent(c[0], c[1], yaw, [_cyl(0, 0, 0.0, 0.7, 0.15, 0.9)],
+                                     [('CONSTRUCTION_CONE', np.array([0.36, 0.36, 0.74]),
+                                       np.array([0, 0, 0.37]))],
+                                     'cone')
+                    else:
+                        static_agent(c[0], c[1], yaw, [_cyl(0, 0, 0.0, 1.0, 0.29, 0.9)],
+                                     [('CONSTRUCTION_BARREL', np.array([0.64, 0.64, 1.03]),
+                                       np.array([0, 0, 0.515]))],
+                                     'barrel')
     scene._next_instance = next_id[0]   # type: ignore[attr-defined]
 
 
@@ -737,6 +772,19 @@ def _build_agents(scene: Scene, rng, xs, ys, v_roads, h_roads, cfg: SceneConfig,
             parts, tracks = cyclist_body(rng)
             prof = SpeedProfile(rng.uniform(2.5, 7.0), [(0.0, rng.uniform(-0.3, 0.3))], v_max=9.0)
             new_agent(path, rng.uniform(0.1, 0.9) * (hi - lo), prof, parts, tracks, 'cyclist')
+        # motorcyclists in the inner lane, at traffic speed
+        for direction in (1.0, -1.0):
+            if rng.random() > cfg.motorcyclist_prob:
+                continue
+            u = np.array([direction, 0.0]) if road.axis == 0 else np.array([0.0, direction])
+            rgt = np.array([u[1], -u[0]])
+            along0 = lo if direction > 0 else hi
+            start = np.array([along0, road.center] if road.axis == 0 else [road.center, along0])
+            start = start + rgt * _lane_offset(0)
+            path = Path2D(np.array([start, start + u * (hi - lo + 200.0)]))
+            parts, tracks = motorcyclist_body(rng)
+            prof = SpeedProfile(rng.uniform(6.0, 15.0), [(0.0, rng.uniform(-0.8, 0.8))], v_max=17.0)
+            new_agent(path, rng.uniform(0.1, 0.9) * (hi - lo), prof, parts, tracks, 'motorcyclist')
 
     # pedestrians on sidewalks (walking or standing) and a few crossing at intersections
     route = np.stack([ex, ey], axis=1)
