@@ -34,11 +34,15 @@ Conventions and simplifications (say them out loud, they matter for what a model
 * A track is annotated at a sweep when its centre lies within ``max_range`` of the ego and its
   cuboid holds at least one point of that sweep (``num_interior_pts`` > 0; av2's loader drops
   the others, so a track that loses all its points at t+1 makes its points at t invalid).
+* The map raster holds the ground surface height (sidewalks included) at each 0.3 m cell centre
+  and NaN under buildings, walls and hedges (grown by 0.2 m), so av2's ground rule flags the
+  returns of facades as non-ground, as on real AV2 maps.
 * Intensity is plausible, not physical: surface reflectivity, range fall-off and noise.
 
 Splits and seeds: ``train`` log i uses seed ``S + i``; ``val`` log i uses seed
-``VAL_SEED_BASE + i`` (1,000,000 + i), a range ``train`` never reaches for sane ``S``.
-Output is bit-identical for a given seed and settings.
+``VAL_SEED_BASE + i`` (1,000,000 + i); :func:`split_seeds` refuses train seeds that would reach
+that range. Output is bit-identical for a given seed, settings and ``GENERATOR_VERSION`` on one
+machine (numpy's vectorised sin/cos may differ in the last bit between CPU generations).
 """
 from __future__ import annotations
 
