@@ -133,7 +133,9 @@ def test_replay_rate_0_lossless(ros_domain, assets):
     assert summary.dropped == 0 and summary.frame_timeouts == 0 and not summary.truncated
     assert all(np.isfinite(summary.latencies_ms)) and min(summary.latencies_ms) > 0
     assert summary.backend == 'torch' and summary.device == 'cpu'
-    assert summary.recorded[f'/{name}/output/flow'] == SWEEPS - 1
+    for topic in ('output/flow', 'output/flow_markers', 'debug/total_ms', 'debug/inference_ms'):
+        assert summary.recorded[f'/{name}/{topic}'] == SWEEPS - 1, summary.recorded
+    assert all(np.isfinite(f.node_total_ms) and f.node_total_ms > 0 for f in summary.frames)
     assert summary.node_diagnostics.get('flows_published') == str(SWEEPS - 1)
     _check_recording(assets, summary.record, name)
 

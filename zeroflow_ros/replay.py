@@ -611,6 +611,9 @@ def _replay_in_context(cfg: ReplayConfig, ctx: Any, odom_msgs: list[BagMessage],
             if not wait_for(alive_and(lambda: last in flows), cfg.frame_timeout, 0.005):
                 if cfg.rate == 0:
                     summary.frame_timeouts += 1
+        # The node publishes markers and then the debug timings after each flow: wait for the
+        # timing of the last one so the recording is complete (bounded: debug may be disabled).
+        wait_for(lambda: all(s in node_total for s in list(flows)), min(5.0, cfg.frame_timeout), 0.005)
         # Let the diagnostics timer (sim time) fire once after the sequence: advance the clock.
         period = 1.0
         for p in cfg.node_params:
