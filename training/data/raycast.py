@@ -30,10 +30,17 @@ VLP32C_ELEVATIONS_DEG: tuple[float, ...] = (
 _EPS_T = 1e-6
 
 
+class SynthError(ValueError):
+    """Bad simulator settings or output location (names the setting/path and what was expected).
+
+    One type for the whole simulator (raycast, scene, synth, cli_synth).
+    """
+
+
 def default_elevations(beams: int) -> np.ndarray:
     """``beams`` vertical angles (deg, ascending) with the VLP-32C's density profile."""
     if beams < 1:
-        raise ValueError(f'beams must be >= 1, got {beams}')
+        raise SynthError(f'lidar beams: expected >= 1, got {beams}')
     table = np.asarray(VLP32C_ELEVATIONS_DEG)
     if beams == len(table):
         return table.copy()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .raycast import GroundSurface, Primitives
+from .raycast import GroundSurface, Primitives, SynthError
 
 LANE_W = 3.5
 CURB_H = 0.15
@@ -194,7 +194,7 @@ def vehicle_body(rng: np.random.Generator, category: str) -> tuple[list[Part], n
         L, W, H = rng.uniform(11.0, 13.0), 2.55, rng.uniform(3.0, 3.3)
         parts = [_box(0, 0, 0.3, H - 0.03, L / 2 - 0.03, W / 2 - 0.03, refl)]
     else:
-        raise ValueError(f'unknown vehicle category {category!r}')
+        raise SynthError(f'vehicle category: expected one of {[c for c, _ in VEHICLE_MIX]}, got {category!r}')
     return parts, np.array([L, W, H])
 
 
@@ -299,7 +299,7 @@ def _ego_profile(rng: np.random.Generator, mode: str, T: float) -> SpeedProfile:
         return SpeedProfile(v0, [(0.0, 0.0), (t_stop - v0 / a, -a)])
     if mode == 'start':
         return SpeedProfile(0.0, [(0.0, 0.0), (rng.uniform(0.2, 0.6) * T, rng.uniform(1.5, 2.5))])
-    raise ValueError(f'unknown ego mode {mode!r}')
+    raise SynthError(f'ego mode: expected cruise, turn, stop or start, got {mode!r}')
 
 
 def _lane_offset(lane: int) -> float:

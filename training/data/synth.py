@@ -58,7 +58,7 @@ import numpy as np
 
 from zeroflow_ros.core.geometry import matrix_to_quat
 
-from .raycast import Primitives, cast, default_elevations
+from .raycast import Primitives, SynthError, cast, default_elevations
 from .scene import Agent, Scene, SceneConfig, generate_scene
 
 log = logging.getLogger(__name__)
@@ -84,10 +84,6 @@ CATEGORY_TO_INDEX: dict[str, int] = {k: i for i, k in enumerate((
 
 ANNOTATION_COLUMNS = ('timestamp_ns', 'track_uuid', 'category', 'length_m', 'width_m', 'height_m',
                       'qw', 'qx', 'qy', 'qz', 'tx_m', 'ty_m', 'tz_m', 'num_interior_pts')
-
-
-class SynthError(ValueError):
-    """Bad simulator settings or output location (names the setting/path and what was expected)."""
 
 
 @dataclass(frozen=True)
