@@ -356,7 +356,9 @@ def test_overload_drops_but_pairs_consecutive_sweeps(node_env):
     out = flows[n_flows:]
     assert received == 10 and dropped >= 2 and len(out) >= 2, (received, dropped, len(out))
     assert s.published - s0['published'] == len(out)
-    assert max(s.latencies_ms) < 3 * 350 + 1000  # bounded: one wait + one frame, never a queue
+    # bounded: a message waits for at most the frame in work, then its own frame; never a queue
+    latest = list(s.latencies_ms)[-len(out):]
+    assert max(latest) <= 2 * max(list(s.totals_ms)[-len(out):]) + 500, (latest, list(s.totals_ms))
     for msg in out:
         k = (msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec - t0) // 100_000_000
         p0, p1 = clouds[k], clouds[k + 1]  # consecutive, even though frames were dropped

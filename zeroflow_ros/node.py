@@ -170,6 +170,7 @@ class NodeStats:
     errors: collections.Counter = field(default_factory=collections.Counter)
     resets: collections.Counter = field(default_factory=collections.Counter)
     latencies_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=200))
+    totals_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=200))
     publish_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=200))
     receive_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=200))
     last_total_ms: float = float('nan')
@@ -487,6 +488,7 @@ class ZeroFlowNode(Node):
             s.published += 1
             s.publish_times.append(now)
             s.latencies_ms.append(latency_ms)
+            s.totals_ms.append(timings['total'])
             s.last_total_ms = timings['total']
             s.last_success_time = now
             s.first_error_since_success = 0.0
@@ -550,6 +552,8 @@ class ZeroFlowNode(Node):
                 'latency_ms_p99': round(float(np.percentile(lat, 99)), 2) if len(lat) else float('nan'),
                 'latency_ms_last': round(float(lat[-1]), 2) if len(lat) else float('nan'),
                 'last_total_ms': round(s.last_total_ms, 2),
+                'processing_ms_p50': round(float(np.percentile(s.totals_ms, 50)), 2) if s.totals_ms
+                else float('nan'),
                 'latency_budget_ms': budget,
                 'errors_total': s.errors_total,
             }
