@@ -21,12 +21,19 @@ def _brute_range(p: np.ndarray, c: PreprocessConfig) -> np.ndarray:
 
 def test_range_box_is_half_open_and_drops_nan():
     cfg = PreprocessConfig(ground='none')
-    pts = np.array([[51.2, 0, 0], [-51.2, 0, 0], [51.19, 51.19, 3.99], [0, 0, 4.0], [0, 0, -3.0],
-                    [np.nan, 0, 0], [0, np.inf, 0], [0, -51.21, 0]], np.float32)
+    pts = np.array([[51.2, 0, 0], [-51.2, 0, 0], [51.19, 51.19, 2.99], [0, 0, 3.0], [0, 0, -3.0],
+                    [np.nan, 0, 0], [0, np.inf, 0], [0, -51.21, 0]], np.float64)
     c = prepare_cloud(pts, cfg)
     assert c.mask.tolist() == [False, True, True, False, True, False, False, False]
-    np.testing.assert_array_equal(c.points, pts[c.mask])
+    np.testing.assert_array_equal(c.points, pts[c.mask].astype(np.float32))
     assert not c.is_ground.any()
+    # Same decision as the pillar grid at the float32 ulp below -51.2 (voxelize works in float64).
+    from zeroflow_ros.core.voxelize import PillarGrid, in_range_mask
+    edge = np.array([[np.float32(-51.2), 0, 0], [np.nextafter(np.float32(51.2), np.float32(0)), 0, 0]],
+                    np.float32)
+    grid = PillarGrid()
+    assert (grid.x_min, grid.x_max, grid.z_min, grid.z_max) == (cfg.x_min, cfg.x_max, cfg.z_min, cfg.z_max)
+    np.testing.assert_array_equal(cfg.in_range(edge), in_range_mask(edge, grid))
 
 
 def test_prepare_pair_against_brute_force():

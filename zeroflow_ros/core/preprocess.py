@@ -30,6 +30,9 @@ class PreprocessError(ValueError):
 class PreprocessConfig:
     """Range box (ego frame, metres, half-open) and ground handling.
 
+    The default box is ZeroFlow's point-cloud range (x, y in [-51.2, 51.2), z in [-3, 3)), the same
+    as the default pillar grid of :mod:`zeroflow_ros.core.voxelize` and of the model.
+
     ``ground``: ``'map'`` uses the given ``is_ground`` masks (required), ``'geometric'`` always
     computes them, ``'none'`` keeps ground, ``'auto'`` uses the given masks when present, else
     geometric.
@@ -40,7 +43,7 @@ class PreprocessConfig:
     y_min: float = -51.2
     y_max: float = 51.2
     z_min: float = -3.0
-    z_max: float = 4.0
+    z_max: float = 3.0
     ground: str = 'auto'
     geometric: GeometricGroundConfig = field(default_factory=GeometricGroundConfig)
 
@@ -83,7 +86,9 @@ class PreprocessConfig:
 
     def in_range(self, points: np.ndarray) -> np.ndarray:
         """(N,) bool: finite and inside the half-open box."""
-        x, y, z = points[:, 0], points[:, 1], points[:, 2]
+        # float64 like core.voxelize: float32 bounds (float32(-51.2) < -51.2) would disagree at the ulp.
+        p = np.asarray(points)[:, :3].astype(np.float64)
+        x, y, z = p[:, 0], p[:, 1], p[:, 2]
         with np.errstate(invalid='ignore'):
             return ((x >= self.x_min) & (x < self.x_max) & (y >= self.y_min) & (y < self.y_max)
                     & (z >= self.z_min) & (z < self.z_max))
