@@ -127,9 +127,10 @@ def create_backend(model: str | os.PathLike, backend: str = 'auto', device: str 
             prec = 'fp32'
         try:
             b = _construct(name, source, dev, prec, threads, options.get(name, {}))
-        except (BackendError, ImportError, OSError, RuntimeError) as exc:
-            log.warning('backend %s failed to load, falling back: %s', label, exc)
-            passed.append(f'{label}: failed ({exc})')
+        except Exception as exc:  # any load failure (API drift in a new TensorRT too) falls back
+            why = str(exc) if isinstance(exc, BackendError) else f'{type(exc).__name__}: {exc}'
+            log.warning('backend %s failed to load, falling back: %s', label, why)
+            passed.append(f'{label}: failed ({why})')
             continue
         log.info('backend auto -> %s/%s/%s for %s%s', b.name, b.device, b.precision, source.path,
                  (' (passed over: ' + '; '.join(passed) + ')') if passed else '')
