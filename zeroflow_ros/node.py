@@ -306,14 +306,14 @@ class ZeroFlowNode(Node):
         wanted = self._wanted_reliability()
         if wanted is None:
             if self._sub is None and not self._waiting_logged:
-                self.get_logger().info(
+                self.get_logger().debug(
                     f'waiting for a publisher on {self.input_topic} (input_reliability=auto)')
                 self._waiting_logged = True
             return
         if wanted != self.reliability:
-            if self._sub is not None:
-                self.get_logger().info(
-                    f'publisher QoS on {self.input_topic} changed: re-subscribing {wanted}')
+            self.get_logger().info(
+                f'{"re-" if self._sub is not None else ""}subscribing {self.input_topic} {wanted}, '
+                'as its publisher offers')
             self._subscribe(wanted)
 
     def _subscribe(self, reliability: str) -> None:
