@@ -276,6 +276,7 @@ def test_torch_cuda_matches_onnxruntime_cpu(model_dir, pair):
     _cuda_or_skip()
     p0, p1 = pair
     gpu = create_backend(model_dir, backend='torch', device='cuda')
+    assert gpu.device_preprocess      # pillars and scatter-back on the GPU by default
     cpu = create_backend(model_dir, backend='onnxruntime', device='cpu')
     f_g, v_g = gpu.infer(p0, p1)
     f_c, v_c = cpu.infer(p0, p1)
@@ -384,3 +385,51 @@ def test_bench_cli_writes_json(model_dir, tmp_path, capsys):
     assert rep['results'][1]['describe']['threads'] == 1 and rep['results'][1]['describe']['spin'] is False
     printed = capsys.readouterr().out
     assert 'onnxruntime  cpu   fp32     5000' in printed
+
+
+# ------------------------------------------------------------------ GPU-side pre/post (run here on CPU torch)
+
+def test_pillarize_torch_equals_numpy_pillarize_on_real_lidar_and_borders():
+    from zeroflow_ros.backends.torch_backend import pillarize_torch
+    from zeroflow_ros.core.voxelize import PillarGrid
+
+    rng = np.random.default_rng(0)
+    for grid in (PillarGrid(pillar_size=0.2, divisor=8), PillarGrid(pillar_size=0.8, divisor=4)):
+        edges = grid.x_min + grid.pillar_size * np.arange(grid.nx + 1)
+        # float32 values at, just below and just above every pillar border, and the box faces
+        e32 = edges.astype(np.float32)
+        border = np.concatenate([e32, np.nextafter(e32, np.float32(-np.inf)),
+                                 np.nextafter(e32, np.float32(np.inf))])
+        other = rng.choice(border, size=len(border))
+        z = rng.uniform(-3.2, 3.2, len(border)).astype(np.float32)
+        hand = np.stack([border, other, z], axis=1)
+        special = np.array([[np.nan, 0, 0], [np.inf, 0, 0], [0, -np.inf, 0], [0, 0, 3.0], [0, 0, -3.0],
+                            [51.2, 0, 0], [-51.2, 0, 0]], dtype=np.float32)
+        pts = np.concatenate([_kitti(0, 1), hand, hand[:, [1, 0, 2]], special]).astype(np.float32)
+        keep_n, pc_n, idx_n = pillarize(pts, grid)
+        keep_t, pc_t, idx_t = pillarize_torch(torch.from_numpy(pts), grid)
+        assert np.array_equal(keep_t.numpy(), keep_n)
+        assert np.array_equal(pc_t.numpy(), pc_n)
+        assert np.array_equal(idx_t.numpy(), idx_n)
+        assert 0 < keep_n.sum() < len(pts)
+
+
+def test_torch_device_preprocess_path_matches_the_numpy_path(model_dir, pair):
+    from zeroflow_ros.backends.base import resolve_model
+    from zeroflow_ros.backends.torch_backend import TorchBackend
+
+    p0, p1 = pair
+    src = resolve_model(model_dir)
+    host = TorchBackend(src, 'cpu', threads=1)
+    dev = TorchBackend(src, 'cpu', threads=1, device_preprocess=True)
+    assert not host.device_preprocess and dev.device_preprocess
+    f_h, v_h = host.infer(p0, p1)
+    f_d, v_d = dev.infer(p0, p1)
+    assert np.array_equal(v_h, v_d) and float(np.abs(f_h - f_d).max()) <= 1e-6
+    assert f_d.dtype == np.float32 and v_d.dtype == bool
+    t = dev.last_timing
+    assert t.points0 == len(p0) and t.in_range0 == int(v_h.sum()) and t.inference_ms > 0
+    f, v = dev.infer(p0[:100], np.full((3, 3), 500.0, np.float32))
+    assert not v.any() and not f.any()
+    with pytest.raises(BackendError, match='points1'):
+        dev.infer(p0, np.zeros((4, 2), np.float32))
