@@ -68,7 +68,8 @@ class OrtBackend(Backend):
             if 'CUDAExecutionProvider' not in ort.get_available_providers():
                 raise BackendError('onnxruntime: CUDAExecutionProvider not available '
                                    f'(have {ort.get_available_providers()}); pip install onnxruntime-gpu')
-            providers: list[Any] = [('CUDAExecutionProvider', {'cudnn_conv_algo_search': 'HEURISTIC'}),
+            # conv shapes are fixed by the static grid, so an exhaustive cuDNN search pays once (warmup)
+            providers: list[Any] = [('CUDAExecutionProvider', {'cudnn_conv_algo_search': 'EXHAUSTIVE'}),
                                     'CPUExecutionProvider']
         else:
             providers = ['CPUExecutionProvider']
