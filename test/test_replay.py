@@ -197,6 +197,30 @@ def test_truncated_bag_replays_up_to_the_break(tmp_path):
         assert a.raw == b.raw and a.stamp_ns == b.stamp_ns
 
 
+def test_odometry_goes_out_before_the_cloud_it_brackets(assets):
+    from zeroflow_ros.replay import BagMessage, iter_messages
+    clouds = [r.stamp_ns for r in assets['records']]
+    # odometry 50 ms after each cloud (as a 10 Hz odometry source out of phase with the lidar)
+    odom = [BagMessage(s + 50_000_000, s + 50_000_000, 'odom', b'') for s in clouds]
+    seq = [(m.kind, m.stamp_ns) for m in iter_messages(assets['bag'], '/lidar', odom)]
+    for k, s in enumerate(clouds):
+        i = seq.index(('cloud', s))
+        before = [t for kind, t in seq[:i] if kind == 'odom']
+        assert before and before[-1] >= s, 'a pose at/after the stamp must precede the cloud'
+        assert k == 0 or any(t <= s for t in before), 'and one at/before it'
+    assert [t for kind, t in seq if kind == 'odom'] == sorted(m.stamp_ns for m in odom)
+
+
+def test_sqlite3_bag_reads_like_mcap(assets, tmp_path):
+    from zeroflow_ros.data.bag import write_bag
+    from zeroflow_ros.replay import iter_messages, open_bag
+    db, _ = write_bag(tmp_path / 'same.db3', assets['records'], topic='/lidar', odom_topic='/odom')
+    a = list(iter_messages(db, '/lidar', open_bag(db, '/lidar', '/odom')[1]))
+    b = list(iter_messages(assets['bag'], '/lidar', open_bag(assets['bag'], '/lidar', '/odom')[1]))
+    assert [(m.kind, m.stamp_ns, m.raw) for m in a] == [(m.kind, m.stamp_ns, m.raw) for m in b]
+    assert [m.kind for m in a].count('cloud') == SWEEPS
+
+
 def test_stamp_from_cdr_matches_rosbags(assets):
     from rosbags.rosbag2 import Reader
 

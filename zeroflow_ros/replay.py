@@ -148,12 +148,19 @@ def _raw(bag: Path, topic: str, kind: str) -> Iterator[BagMessage]:
 
 
 def iter_messages(bag: Path, topic: str, odom_msgs: list[BagMessage]) -> Iterator[BagMessage]:
-    """Clouds in log order, each preceded by the odometry up to its stamp (the node interpolates poses)."""
+    """Clouds in log order, each preceded by the odometry up to and just past its stamp.
+
+    The node interpolates the pose at the cloud stamp, so it needs one odometry message at or
+    after it; sending it first (instead of waiting for its log time) saves the node's odometry wait.
+    """
     pending = sorted(odom_msgs, key=lambda m: (m.log_ns, m.stamp_ns))
     i = 0
     for cloud in _raw(bag, topic, 'cloud'):
         while i < len(pending) and (pending[i].log_ns <= cloud.log_ns
                                     or pending[i].stamp_ns <= cloud.stamp_ns):
+            yield pending[i]
+            i += 1
+        if i < len(pending) and (i == 0 or pending[i - 1].stamp_ns < cloud.stamp_ns):
             yield pending[i]
             i += 1
         yield cloud
@@ -563,7 +570,7 @@ def _replay_in_context(cfg: ReplayConfig, ctx: Any, odom_msgs: list[BagMessage],
             if node_proc is not None:
                 node_proc.check_alive()
             if bm.kind == 'odom':
-                publish_clock(bm.log_ns)
+                # No clock step here: it may run ahead of its cloud (see iter_messages).
                 odom_pub.publish(deserialize_message(bm.raw, Odometry))
                 continue
             try:
