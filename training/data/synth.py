@@ -37,7 +37,9 @@ Conventions and simplifications (say them out loud, they matter for what a model
 * The map raster holds the ground surface height (sidewalks included) at each 0.3 m cell centre
   and NaN under buildings, walls and hedges (grown by 0.2 m), so av2's ground rule flags the
   returns of facades as non-ground, as on real AV2 maps.
-* Intensity is plausible, not physical: surface reflectivity, range fall-off and noise.
+* Intensity is plausible, not physical: surface reflectivity, range fall-off, incidence on the
+  ground, and noise. Returns drop out at random, more so far away, on dark surfaces and on
+  ground seen at grazing angles.
 
 Splits and seeds: ``train`` log i uses seed ``S + i``; ``val`` log i uses seed
 ``VAL_SEED_BASE + i`` (1,000,000 + i); :func:`split_seeds` refuses train seeds that would reach
@@ -63,7 +65,7 @@ from .scene import Agent, Scene, SceneConfig, generate_scene
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 VAL_SEED_BASE = 1_000_000
 TIMESTAMP_BASE_NS = 315_000_000_000_000_000
 SWEEP_PERIOD_NS = 100_000_000
@@ -348,9 +350,13 @@ def simulate_log(seed: int, sweeps: int, lidar: LidarConfig | None = None,
         table = P.table()
         hit = res.prim >= 0
         rng_t = res.t
-        # dropout grows with range and for dark surfaces (weak returns)
-        refl = table['reflectivity'][np.maximum(res.prim, 0)]
-        p_drop = lidar.dropout + 0.25 * (np.where(hit, rng_t, 0) / lidar.max_range_m) ** 3 * (1.2 - refl)
+        # dropout grows with range, for dark surfaces and for ground seen at grazing angles
+        # (weak returns); the ground's normal is taken as up (slopes are a few degrees)
+        prim_all = np.maximum(res.prim, 0)
+        refl = table['reflectivity'][prim_all]
+        cos_inc = np.where(table['ground'][prim_all], np.abs(dirs_c[:, 2]), 1.0)
+        p_drop = (lidar.dropout + 0.25 * (np.where(hit, rng_t, 0) / lidar.max_range_m) ** 3 * (1.2 - refl)
+                  + 0.3 * (1.0 - cos_inc) ** 8)
         hit &= rng.random(len(hit)) >= p_drop
         noisy = rng_t + rng.normal(0.0, lidar.range_noise_m, size=len(rng_t))
         keep = np.flatnonzero(hit & (noisy > 0.5) & (noisy <= lidar.max_range_m))
@@ -358,8 +364,11 @@ def simulate_log(seed: int, sweeps: int, lidar: LidarConfig | None = None,
         pc = origin + r[:, None] * dirs_c[keep]
         pe = (pc - T[:3, 3]) @ R                     # city -> ego (R orthonormal)
         prim = res.prim[keep]
-        falloff = 1.0 - 0.5 * (r / lidar.max_range_m)
-        inten = np.clip(255.0 * table['reflectivity'][prim] * falloff + rng.normal(0, 6.0, len(r)), 0, 255)
+        falloff = (1.0 - 0.5 * (r / lidar.max_range_m)) * (0.3 + 0.7 * np.sqrt(cos_inc[keep]))
+        # gains put mean intensities near real AV2 sweeps (ground ~12, the rest ~23, signs bright)
+        refl_k = table['reflectivity'][prim]
+        gain = np.where(table['ground'][prim], 0.5, np.where(refl_k >= 0.9, 1.0, 0.25))
+        inten = np.clip(255.0 * refl_k * gain * falloff + rng.normal(0, 2.0, len(r)), 0, 255)
         out_sweeps.append(Sweep(
             int(stamps[k]), pe.astype(np.float32), inten.astype(np.uint8), laser[keep].astype(np.uint8),
             (column[keep] * (SWEEP_PERIOD_NS // lidar.azimuths)).astype(np.int32),
