@@ -173,13 +173,14 @@ def test_odometry_ego_compensation_static_scene(backend):
         pipe.step(p1, 200_000_000, None)
 
 
-def test_lidar_odometry_recovers_known_motion(backend):
+@pytest.mark.parametrize('ground', ['geometric', 'none'])  # mask handed to the odometry / its own
+def test_lidar_odometry_recovers_known_motion(backend, ground):
     """ego_motion='lidar' (KISS-ICP, core/odometry.py): a real sweep moved by a known motion."""
     pytest.importorskip('kiss_icp')
     true = geometry.yaw_transform(np.deg2rad(2.0), (1.0, 0.1, 0.0))  # ego1_T_ego0
     p0 = kitti(0, 60000)
     p1 = geometry.transform_points(true, p0.astype(np.float64)).astype(np.float32)
-    pipe = Pipeline(PipelineConfig(ego_motion='lidar', ground_removal='none'), backend=backend)
+    pipe = Pipeline(PipelineConfig(ego_motion='lidar', ground_removal=ground), backend=backend)
     pipe.step(p0, 0)
     frame = pipe.step(p1, 100_000_000)
     err = geometry.invert(true) @ frame.ego1_T_ego0

@@ -297,8 +297,9 @@ class Pipeline:
         self.last_reset_reason = None
         pts = self._check_points(points)
         stamp_ns = int(stamp_ns)
-        ego_T = self._ego_pose(pts, stamp_ns, pose, frame_id)
-        cur = _Sweep(pts, self._ground(pts), stamp_ns, ego_T, frame_id, tag)
+        ground = self._ground(pts)
+        ego_T = self._ego_pose(pts, stamp_ns, pose, frame_id, ground)
+        cur = _Sweep(pts, ground, stamp_ns, ego_T, frame_id, tag)
         prev, self._prev = self._prev, cur
         if prev is None or not infer:
             return None
@@ -356,7 +357,8 @@ class Pipeline:
                                 f'points: all {len(pts)} points are NaN/inf; expected finite x, y, z')
         return np.ascontiguousarray(pts, dtype=np.float32)
 
-    def _ego_pose(self, pts: np.ndarray, stamp_ns: int, pose: np.ndarray | None, frame_id: str) -> np.ndarray:
+    def _ego_pose(self, pts: np.ndarray, stamp_ns: int, pose: np.ndarray | None, frame_id: str,
+                  ground: np.ndarray) -> np.ndarray:
         prev = self._prev
         if prev is not None:
             gap = (stamp_ns - prev.stamp_ns) * 1e-9
@@ -380,8 +382,13 @@ class Pipeline:
             return pose
         if self._odometry is None:
             self._odometry = self._odometry_factory()
+        sane = _sane(pts)
+        # Reuse this sweep's ground mask (registration ignores ground); with ground_removal 'none'
+        # the odometry decides ground itself.
+        is_ground = ground[sane] if self.config.ground_removal != 'none' else None
         try:
-            return np.asarray(self._odometry.register(pts[_sane(pts)].astype(np.float64), stamp_ns), float)
+            return np.asarray(self._odometry.register(pts[sane].astype(np.float64), stamp_ns,
+                                                      is_ground=is_ground), float)
         except Exception as exc:  # a failed registration must not poison later pairs
             self.reset('odometry_failed')
             raise PipelineError('odometry', f'lidar odometry failed at {stamp_ns} ns: {exc}') from exc
