@@ -103,14 +103,17 @@ def synth(tmp_path_factory):
     return root, list_logs(root, 'val')[0]
 
 
-def _write_predictions(out: Path, log, flow_av2: np.ndarray, dyn: np.ndarray) -> None:
+def _write_predictions(out: Path, log, flow_av2: np.ndarray, dyn: np.ndarray,
+                       is_valid: np.ndarray | None = None) -> None:
     import pyarrow as pa
     import pyarrow.feather as feather
     ts0 = int(log.timestamps[0])
     (out / log.log_id).mkdir(parents=True, exist_ok=True)
-    feather.write_feather(pa.table({'flow_tx_m': flow_av2[:, 0], 'flow_ty_m': flow_av2[:, 1],
-                                    'flow_tz_m': flow_av2[:, 2], 'is_dynamic': dyn}),
-                          out / log.log_id / f'{ts0}.feather')
+    cols = {'flow_tx_m': flow_av2[:, 0], 'flow_ty_m': flow_av2[:, 1], 'flow_tz_m': flow_av2[:, 2],
+            'is_dynamic': dyn}
+    if is_valid is not None:  # pseudo-label files (zeroflow label) carry is_valid
+        cols['is_valid'] = is_valid
+    feather.write_feather(pa.table(cols), out / log.log_id / f'{ts0}.feather')
 
 
 def test_predictions_folder_with_ground_truth(synth, tmp_path):
@@ -149,6 +152,11 @@ def test_predictions_folder_with_ground_truth(synth, tmp_path):
     valid = gt.is_valid & ~gt.is_ground
     ref = float(np.linalg.norm(res_gt[valid], axis=1).mean())
     assert out['epe'] == pytest.approx(ref, rel=1e-4, abs=1e-6)
+    # 3) pseudo-labels: the same flow marked invalid is not shown as motion
+    labels = tmp_path / 'labels'
+    _write_predictions(labels, log, gt.flow, gt.is_dynamic, is_valid=np.zeros(len(gt.flow), bool))
+    img = _read(render(labels, tmp_path / 'png_labels', cfg, gt_root=root)['pngs'][0])
+    assert _coloured(_pixel_hsv(img, row, col)) == 0
     # without --gt a predictions folder cannot be placed
     from zeroflow_ros.render import RenderError
     with pytest.raises(RenderError, match='needs --gt DATA_ROOT'):
