@@ -19,19 +19,21 @@ def test_synthetic_sequences_against_true_poses(tmp_path):
     """Two simulated drives (seeds 1000000, 1000001: about 0.5 and 1.2 m per sweep) vs their true poses."""
     from zeroflow_training.data.synth import make_tiny_dataset
     from zeroflow_ros.data.av2 import list_logs
-    logs = list_logs(make_tiny_dataset(tmp_path, logs=2, sweeps=3, beams=32, azimuths=900), 'val')
+    logs = list_logs(make_tiny_dataset(tmp_path, logs=2, sweeps=6, beams=32, azimuths=900), 'val')
     errs, moved = [], []
     for log in logs:
         ts = [int(t) for t in log.timestamps]
         poses, rel = ego_motion_sequence([(log.points(t), t) for t in ts], CFG)
-        assert poses.shape == (3, 4, 4) and rel.shape == (2, 4, 4)
+        assert poses.shape == (6, 4, 4) and rel.shape == (5, 4, 4)
         np.testing.assert_allclose(poses[0], np.eye(4), atol=1e-9)  # world = first sweep
-        errs += [pose_error(r, log.ego1_T_ego0(a, b)) for r, a, b in zip(rel, ts[:-1], ts[1:])]
+        errs.append([pose_error(r, log.ego1_T_ego0(a, b)) for r, a, b in zip(rel, ts[:-1], ts[1:])])
         moved += [np.linalg.norm(log.ego1_T_ego0(a, b)[:3, 3]) for a, b in zip(ts[:-1], ts[1:])]
-    errs = np.array(errs)
+    errs = np.array(errs)  # (log, pair, [m, deg])
     assert min(moved) > 0.2 and max(moved) > 1.0, moved  # a zero estimate would fail
-    assert np.median(errs[:, 0]) < 0.05 and np.median(errs[:, 1]) < 0.2, errs
-    assert errs[:, 0].max() < 0.1, errs
+    flat = errs.reshape(-1, 2)
+    assert np.median(flat[:, 0]) < 0.05 and np.median(flat[:, 1]) < 0.2, errs
+    # The first pair has a one-sweep map and no velocity prior: looser there, tight once settled.
+    assert flat[:, 0].max() < 0.12 and errs[:, 2:, 0].max() < 0.05, errs
 
 
 def test_real_kitti_moves_forward():
