@@ -124,8 +124,8 @@ def _fp16_vs_fp32(model: Path) -> dict[str, Any]:
 
 
 def _bench(model: Path, runs: list[tuple[str, str]], device: str, points: list[int], repeats: int,
-           out: Path, tag: str) -> dict[str, Any]:
-    rep = run_bench(model, runs, points, device=device, repeats=repeats, warmup=3)
+           out: Path, tag: str, options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    rep = run_bench(model, runs, points, device=device, repeats=repeats, warmup=3, options=options)
     table = format_table(rep)
     print(f'\n[{tag}]\n{table}\n', flush=True)
     (out / f'table_{tag}.txt').write_text(table + '\n')
@@ -176,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
                      need_s=40 if not args.dry_run else 5)
         if 'paper' in models:
             chk.step('fp16_vs_fp32_paper', lambda: _fp16_vs_fp32(models['paper']), need_s=20)
+            # the same torch-CUDA rows with the numpy pre/post step, to show what the GPU-side one saves
+            chk.step(f'latency_paper_{dev}_host_preprocess',
+                     lambda: _bench(models['paper'], [('torch', 'fp32')], dev, points,
+                                    max(5, args.repeats // 2), out, f'paper_{dev}_host_pre',
+                                    {'torch': {'device_preprocess': False}}),
+                     need_s=20)
         if not args.dry_run:
             for cfg, model in models.items():
                 chk.step(f'latency_{cfg}_cpu_reference',
