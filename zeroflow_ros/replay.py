@@ -382,6 +382,21 @@ class _NodeProcess:
 def replay(cfg: ReplayConfig, on_frame: Callable[[FrameResult], None] | None = None) -> ReplaySummary:
     """Replay ``cfg.bag`` through the node (see the module docstring); returns the summary."""
     info, odom_msgs, n_clouds = open_bag(cfg.bag, cfg.topic, cfg.odom)
+    keys = ('FASTDDS_DEFAULT_PROFILES_FILE', 'ROS_DOMAIN_ID', 'ROS_AUTOMATIC_DISCOVERY_RANGE')
+    saved = {k: os.environ.get(k) for k in keys}
+    try:
+        return _replay(cfg, info, odom_msgs, n_clouds, on_frame)
+    finally:
+        # The DDS settings below are for this replay's participants only (ours and the node's).
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _replay(cfg: ReplayConfig, info: Any, odom_msgs: list[BagMessage], n_clouds: int,
+            on_frame: Callable[[FrameResult], None] | None) -> ReplaySummary:
     if cfg.fastdds_profile and not os.environ.get('FASTDDS_DEFAULT_PROFILES_FILE'):
         profile = find_fastdds_profile()
         if profile is not None:
