@@ -588,6 +588,10 @@ def _replay_in_context(cfg: ReplayConfig, ctx: Any, odom_msgs: list[BagMessage],
                 # No clock step here: it may run ahead of its cloud (see iter_messages).
                 odom_pub.publish(deserialize_message(bm.raw, Odometry))
                 continue
+            if stamps and bm.stamp_ns <= stamps[-1]:
+                # Flows are matched to clouds by stamp, and the node would reset its pair anyway.
+                raise ReplayError(f'{cfg.bag}: header stamps of {cfg.topic} not increasing at cloud '
+                                  f'{len(stamps)} ({stamps[-1]} then {bm.stamp_ns} ns)')
             try:
                 msg = deserialize_message(bm.raw, PointCloud2)
             except Exception as exc:
