@@ -2,7 +2,7 @@
 
 ::
 
-    zeroflow demo [--sequence kitti|synthetic] [--out DIR] [--rate 1.0]
+    zeroflow demo [--sequence kitti|synthetic] [--out DIR] [--rate R] [--sweeps N] [--model M]
 
 * ``kitti`` (default): the 10 bundled KITTI raw sweeps (``data/samples/kitti_raw_sfnd_seq``, real
   city traffic, CC BY-NC-SA 3.0, no poses: the node estimates ego motion with its lidar odometry).
@@ -11,7 +11,8 @@
 
 Steps: the sequence is written to ``DIR/input`` (mcap), ``zeroflow replay`` starts ``zeroflow node``
 with the shipped model (``models/default``; if it is missing, an untrained model is built and the
-output says so loudly), publishes the sweeps at 10 Hz x ``--rate`` with ``/clock``, records the
+output says so loudly), publishes the sweeps at 10 Hz x ``--rate`` with ``/clock`` (default: real
+time with a CUDA GPU; on CPU rate 0, every sweep as fast as the node keeps up), records the
 node's outputs to ``DIR/flow`` (mcap) and renders ``DIR/bev/*.png`` and ``DIR/bev/flow.gif``.
 Each flow prints one line (latency), the end one summary line.
 """
