@@ -578,11 +578,12 @@ def generate_one(seed: int, split_dir: Path, sweeps: int, lidar: LidarConfig | N
     """Simulate and write one log; returns a small summary (used by the CLI and its workers)."""
     import time
     lidar = lidar or LidarConfig()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     lg = simulate_log(seed, sweeps, lidar, scene_cfg)
     path = write_log(lg, split_dir, lidar)
     return {'seed': int(seed), 'log_id': lg.log_id, 'path': str(path), 'seconds': time.perf_counter() - t0,
-            'points': [len(s.points) for s in lg.sweeps], 'ego_mode': lg.scene.ego_mode}
+            'cpu_seconds': time.process_time() - c0, 'points': [len(s.points) for s in lg.sweeps],
+            'ego_mode': lg.scene.ego_mode}
 
 
 def split_seeds(split: str, count: int, seed: int) -> list[int]:
