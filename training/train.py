@@ -374,6 +374,12 @@ def train(cfg: TrainConfig, data_root: Path, labels: Path | None, run_dir: Path,
             scaler.load_state_dict(ck['scaler'])
         step = int(ck['step'])
         best = float(ck['extra'].get('best_val', math.inf))
+        old = ck.get('train_config') or {}
+        changed = sorted(k for k, v in cfg.to_dict().items() if k in old and old[k] != v)
+        if changed and dist.main:
+            # allowed (e.g. more epochs to extend a run) but the curve is then not the planned one
+            log.warning('resuming with changed settings: %s',
+                        ', '.join(f'{k} {old[k]!r} -> {getattr(cfg, k)!r}' for k in changed))
         rs = ck.get('rng_state') or {}
         if 'torch' in rs:
             torch.set_rng_state(rs['torch'])
