@@ -14,6 +14,7 @@ import abc
 import dataclasses
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,8 @@ class Backend(abc.ABC):
         self.calls = 0
         self.clipped_calls = 0
         self._last_clip_log = -1e9
+        # engines own one set of device buffers: concurrent calls (multi-threaded executors) queue
+        self.lock = threading.Lock()
 
     # -- the one method a backend must provide ---------------------------------------------
     @abc.abstractmethod
@@ -212,6 +215,10 @@ class Backend(abc.ABC):
         Returns ``flow`` (N,3) float32 and ``valid`` (N,) bool; points outside the grid (or not
         finite) get flow 0 and valid False.
         """
+        with self.lock:
+            return self._infer_host(points0, points1)
+
+    def _infer_host(self, points0: np.ndarray, points1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         t0 = time.perf_counter()
         p0 = check_points(points0, 'points0')
         p1 = check_points(points1, 'points1')

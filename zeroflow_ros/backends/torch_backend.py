@@ -111,6 +111,10 @@ class TorchBackend(Backend):
     def infer(self, points0: np.ndarray, points1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if not self.device_preprocess:
             return super().infer(points0, points1)
+        with self.lock:
+            return self._infer_device(points0, points1)
+
+    def _infer_device(self, points0: np.ndarray, points1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         torch = self._torch
         dev = self._dev
         sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
