@@ -240,6 +240,14 @@ def test_no_node_times_out_naming_the_topic(ros_domain, assets):
         replay(ReplayConfig(bag=assets['bag'], no_node=True, node_name='nobody', timeout=1.0))
 
 
+def test_node_that_cannot_start_is_reported_with_its_log(ros_domain, assets):
+    from zeroflow_ros.replay import ReplayConfig, ReplayError, replay
+    cfg = ReplayConfig(bag=assets['bag'], node_name='zf_bad', timeout=60.0,
+                       node_params=[f'model:={assets["tmp"] / "no_such_model.pt"}', 'backend:=torch'])
+    with pytest.raises(ReplayError, match=r'(?s)zeroflow node exited with code 1.*no_such_model'):
+        replay(cfg)
+
+
 def test_cli_reports_bad_topic(assets, capsys):
     from zeroflow_ros.cli import main
     assert main(['replay', str(assets['bag']), '--topic', '/nope']) == 2
