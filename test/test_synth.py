@@ -337,6 +337,14 @@ def test_cli_writes_splits_and_resumes(tmp_path: Path, capsys):
     assert _files(tmp_path / 'ds') == before
     with pytest.raises(synth.SynthError, match='--sweeps'):
         run_synth(p.parse_args(argv[:1] + ['--sweeps', '1']))
+    # --overwrite with fewer sweeps replaces the log as a whole: no stale sweeps, no partial folder
+    small = ['--sequences', '1', '--seed', '3', '--beams', '8', '--azimuths', '200']
+    assert run_synth(p.parse_args(argv[:1] + small + ['--sweeps', '3'])) == 0
+    assert run_synth(p.parse_args(argv[:1] + small + ['--sweeps', '2', '--overwrite'])) == 0
+    log_dir = tmp_path / 'ds' / 'train' / synth.log_id_for_seed(3)
+    assert len(list((log_dir / 'sensors' / 'lidar').iterdir())) == 2
+    assert len(list((log_dir / 'scene_flow').iterdir())) == 1
+    assert sorted(q.name for q in (tmp_path / 'ds').iterdir()) == ['train', 'val']
     with pytest.raises(synth.SynthError, match='--points'):
         run_synth(p.parse_args(argv[:1] + ['--points', '10']))
     with pytest.raises(synth.SynthError, match='--elevations'):

@@ -430,10 +430,8 @@ def _pose_from_row(T: np.ndarray) -> np.ndarray:
 def _write_feather(df, path: Path) -> None:
     import pyarrow as pa
     import pyarrow.feather as feather
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    tmp = path.with_name(path.name + '.tmp')
-    feather.write_feather(table, tmp, compression='lz4')
-    os.replace(tmp, path)
+    # LZ4 as AV2's own files; the whole log is renamed into place by write_log
+    feather.write_feather(pa.Table.from_pandas(df, preserve_index=False), path, compression='lz4')
 
 
 def _ground_raster(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
@@ -531,10 +529,37 @@ def _vector_map(scene: Scene) -> dict:
 
 
 def write_log(log_: SynthLog, split_dir: Path, lidar: LidarConfig) -> Path:
-    """Write one simulated log under ``split_dir/<log_id>/`` (files replaced atomically)."""
+    """Write one simulated log as ``split_dir/<log_id>/``, replacing any old one as a whole.
+
+    The log is built in ``split_dir/../.synth_partial/`` and renamed into place, so readers never
+    see a half-written log and a rerun with other settings leaves no stale sweeps behind.
+    """
+    import shutil
+
+    final = Path(split_dir) / log_.log_id
+    partial_root = Path(split_dir).parent / '.synth_partial'
+    d = partial_root / f'{Path(split_dir).name}-{log_.log_id}-{os.getpid()}'
+    if d.exists():
+        shutil.rmtree(d)
+    try:
+        _write_log_files(log_, d, lidar)
+        if final.exists():
+            shutil.rmtree(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(d, final)
+    finally:
+        if d.exists():
+            shutil.rmtree(d, ignore_errors=True)
+        try:
+            partial_root.rmdir()
+        except OSError:
+            pass        # other workers still busy there
+    return final
+
+
+def _write_log_files(log_: SynthLog, d: Path, lidar: LidarConfig) -> None:
     import pandas as pd
 
-    d = Path(split_dir) / log_.log_id
     for sub in ('sensors/lidar', 'scene_flow', 'map', 'calibration'):
         (d / sub).mkdir(parents=True, exist_ok=True)
     for sw in log_.sweeps:
@@ -570,7 +595,6 @@ def write_log(log_: SynthLog, split_dir: Path, lidar: LidarConfig) -> Path:
         'generator': 'zeroflow_training.data.synth', 'version': GENERATOR_VERSION, 'seed': int(log_.seed),
         'sweeps': len(log_.sweeps), 'ego_mode': log_.scene.ego_mode, 'lidar': asdict(lidar)}, indent=1,
         sort_keys=True))
-    return d
 
 
 def generate_one(seed: int, split_dir: Path, sweeps: int, lidar: LidarConfig | None = None,
