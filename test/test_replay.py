@@ -97,6 +97,7 @@ def _check_recording(assets, record: Path, name: str) -> None:
         n = 0
         for schema, channel, message in r.iter_messages(topics=[flow_topic]):
             assert schema.name == 'sensor_msgs/msg/PointCloud2' and schema.encoding == 'ros2msg'
+            assert b'sensor_msgs/PointField[] fields' in schema.data  # full definition for Foxglove
             assert channel.message_encoding == 'cdr'
             n += 1
     assert n == SWEEPS - 1
