@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def test_replay_cli_rate_1_records_one_flow_per_sweep(ros_domain, assets, capsys
     rec = assets['tmp'] / f'{name}.mcap'
     argv = ['replay', str(assets['bag']), '--topic', '/lidar', '--odom', '/odom', '--rate', '1.0',
             '--record', str(rec), '--node-name', name, '--timeout', '90', '--frame-timeout', '30',
-            '--node-log', str(assets['tmp'] / f'{name}.log')]
+            '--node-log', str(assets['tmp'] / f'{name}.log'), '--json', str(assets['tmp'] / 'rt.json')]
     for p in (f'model:={assets["model"]}', 'backend:=torch', 'device:=cpu', 'warmup_iterations:=1'):
         argv += ['--node-param', p]
     t0 = time.monotonic()
@@ -121,6 +122,11 @@ def test_replay_cli_rate_1_records_one_flow_per_sweep(ros_domain, assets, capsys
     assert (f'replay: sweeps in {SWEEPS}, flows out {SWEEPS - 1}/{SWEEPS - 1}, dropped 0, frame timeouts 0'
             in out), out
     assert 'backend torch/cpu' in out
+    js = json.loads((assets['tmp'] / 'rt.json').read_text())
+    assert (js['sweeps_in'], js['flows_out'], js['dropped']) == (SWEEPS, SWEEPS - 1, 0)
+    assert js['backend'] == 'torch'
+    assert [f['stamp_ns'] for f in js['frames']] == [r.stamp_ns for r in assets['records'][:-1]]
+    assert js['latency_p50_ms'] > 0
     _check_recording(assets, rec.with_suffix(''), name)
     # Real-time pacing: the sweeps went out over (SWEEPS-1) x 0.3 s, not at once.
     assert wall >= (SWEEPS - 1) * SPACING_NS / 1e9

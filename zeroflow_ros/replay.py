@@ -745,6 +745,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--frame-timeout', type=float, default=10.0,
                         help='seconds to wait for each flow at --rate 0 and for the last one (default 10)')
     parser.add_argument('--node-log', type=Path, default=None, help='write the node process output here')
+    parser.add_argument('--json', type=Path, default=None,
+                        help='also write the summary and per-sweep figures to this JSON file')
 
 
 def config_from_args(args: argparse.Namespace) -> ReplayConfig:
@@ -770,4 +772,25 @@ def run(args: argparse.Namespace) -> int:
         counts = ', '.join(f'{t} {n}' for t, n in sorted(summary.recorded.items()))
         print(f'recorded {summary.record}: {counts}')
     print(summary.line())
+    if args.json:
+        write_json(summary, args.json)
     return 0 if summary.flows_out > 0 or summary.expected == 0 else 1
+
+
+def write_json(summary: ReplaySummary, path: Path) -> None:
+    """Summary and per-sweep figures as JSON (NaN written as null)."""
+    import json
+    import math
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, Path):
+            return str(v)
+        return v
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(clean(summary.as_dict()), indent=1))
