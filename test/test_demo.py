@@ -98,6 +98,9 @@ def test_demo_synthetic_end_to_end(ros_domain, tmp_path):
         assert Image.open(p).size == (3 * 160, 160)  # prediction | ground truth | error
     assert Image.open(res.gif).n_frames == SWEEPS - 1
 
+    assert (tmp_path / 'demo' / 'summary.txt').read_text().strip() == line
+    assert f'"flows_out": {SWEEPS - 1},' in (tmp_path / 'demo' / 'replay.json').read_text()
+
     # the reported EPE is the EPE of what was recorded
     assert res.epe_m == pytest.approx(_reference_epe(res.output_bag, tmp_path / 'demo' / 'synthetic'),
                                       rel=1e-5)

@@ -193,6 +193,9 @@ def run_demo(sequence: str = 'kitti', out: Path = Path('demo_out'), rate: float 
         res.pngs, res.gif = pics['pngs'], pics['gif']
     if gt_root is not None and summary.flows_out:
         res.epe_m, res.epe_dynamic_m = flow_epe(summary.record, gt_root)
+    from zeroflow_ros.replay import write_json
+    write_json(summary, out / 'replay.json')
+    (out / 'summary.txt').write_text(res.line() + '\n')
     return res
 
 
