@@ -161,6 +161,8 @@ def test_bad_topics_list_the_bag(assets):
         replay(ReplayConfig(bag=assets['bag'], topic='/lidar', odom='/lidar'))
     with pytest.raises(ReplayError, match='--rate'):
         ReplayConfig(bag=assets['bag'], rate=-1)
+    with pytest.raises(ReplayError, match='--max-sweeps'):
+        ReplayConfig(bag=assets['bag'], max_sweeps=0)
 
 
 def test_empty_and_not_a_bag(tmp_path):

@@ -182,6 +182,7 @@ class ReplayConfig:
     timeout: float = 60.0          # node start-up + discovery
     frame_timeout: float = 10.0    # per flow at --rate 0, and for the last flow at any rate
     node_log: Path | None = None   # node process output (default: a temp file, shown on failure)
+    max_sweeps: int | None = None  # replay only the first N clouds
     fastdds_profile: bool = True   # use config/fastdds_large_data.xml when the env sets none
 
     def __post_init__(self) -> None:
@@ -195,6 +196,8 @@ class ReplayConfig:
         for p in self.node_params:
             if ':=' not in p:
                 raise ReplayError(f'--node-param {p!r}: expected NAME:=VALUE')
+        if self.max_sweeps is not None and self.max_sweeps < 1:
+            raise ReplayError(f'--max-sweeps {self.max_sweeps}: expected >= 1')
         if self.params_file is not None and not Path(self.params_file).is_file():
             raise ReplayError(f'--params-file {self.params_file}: no such file')
 
@@ -582,6 +585,8 @@ def _replay_in_context(cfg: ReplayConfig, ctx: Any, odom_msgs: list[BagMessage],
         prev_stamp_waited = None
 
         for bm in iter_messages(cfg.bag, cfg.topic, odom_msgs):
+            if cfg.max_sweeps is not None and bm.kind == 'cloud' and len(stamps) >= cfg.max_sweeps:
+                break
             if node_proc is not None:
                 node_proc.check_alive()
             if bm.kind == 'odom':
@@ -624,10 +629,11 @@ def _replay_in_context(cfg: ReplayConfig, ctx: Any, odom_msgs: list[BagMessage],
             stamps.append(bm.stamp_ns)
 
         summary.sweeps_in = len(stamps)
-        summary.truncated = len(stamps) < n_clouds
+        wanted = n_clouds if cfg.max_sweeps is None else min(n_clouds, cfg.max_sweeps)
+        summary.truncated = len(stamps) < wanted
         if summary.truncated:
             log.warning('%s: replayed %d of the %d clouds the bag index lists (truncated)', cfg.bag,
-                        len(stamps), n_clouds)
+                        len(stamps), wanted)
         if not stamps:
             raise ReplayError(f'{cfg.bag}: no cloud on {cfg.topic} could be read')
         summary.expected = max(len(stamps) - 1, 0)
@@ -745,6 +751,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--frame-timeout', type=float, default=10.0,
                         help='seconds to wait for each flow at --rate 0 and for the last one (default 10)')
     parser.add_argument('--node-log', type=Path, default=None, help='write the node process output here')
+    parser.add_argument('--max-sweeps', type=int, default=None, help='replay only the first N clouds')
     parser.add_argument('--json', type=Path, default=None,
                         help='also write the summary and per-sweep figures to this JSON file')
 
@@ -753,7 +760,7 @@ def config_from_args(args: argparse.Namespace) -> ReplayConfig:
     return ReplayConfig(bag=args.bag, topic=args.topic, odom=args.odom, rate=args.rate, record=args.record,
                         no_node=args.no_node, params_file=args.params_file, node_name=args.node_name,
                         node_params=list(args.node_param), timeout=args.timeout,
-                        frame_timeout=args.frame_timeout, node_log=args.node_log)
+                        frame_timeout=args.frame_timeout, node_log=args.node_log, max_sweeps=args.max_sweeps)
 
 
 def print_frame(fr: FrameResult) -> None:
