@@ -582,7 +582,6 @@ def _replay_in_context(cfg: ReplayConfig, ctx: Any, odom_msgs: list[BagMessage],
         sent_at: dict[int, float] = {}   # stamp -> wall time it was published
         t0_wall = None
         t0_log = None
-        prev_stamp_waited = None
 
         for bm in iter_messages(cfg.bag, cfg.topic, odom_msgs):
             if cfg.max_sweeps is not None and bm.kind == 'cloud' and len(stamps) >= cfg.max_sweeps:
@@ -610,10 +609,9 @@ def _replay_in_context(cfg: ReplayConfig, ctx: Any, odom_msgs: list[BagMessage],
                 time.sleep(max(0.0, due - time.monotonic()))
             else:
                 prev = stamps[-1]
-                if len(stamps) >= 2 and prev_stamp_waited != stamps[-2]:
+                if len(stamps) >= 2:
                     # Lossless: the flow of sweep k-2 is published once the node finished sweep k-1.
                     want = stamps[-2]
-                    prev_stamp_waited = want
                     ok = wait_for(alive_and(lambda w=want: w in flows), cfg.frame_timeout, 0.002)
                     if not ok:
                         summary.frame_timeouts += 1
