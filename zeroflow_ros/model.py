@@ -169,12 +169,11 @@ class PillarEncoder(nn.Module):
         """Return (point embedding (K,C), offsets to pillar centre (K,3), pseudo-image (B,C,H,W))."""
         num = batch_size * self.H * self.W
         k = pts.shape[0]
-        ones = torch.ones_like(pts[:, 0])
-        counts = torch.zeros(num, dtype=pts.dtype, device=pts.device).scatter_add(0, idx, ones)
-        denom = counts.clamp(min=1.0).unsqueeze(1)
-        sums = torch.zeros(num, 3, dtype=pts.dtype, device=pts.device).scatter_add(
-            0, idx.unsqueeze(1).expand(k, 3), pts)
-        mean = torch.index_select(sums / denom, 0, idx)
+        # counts and coordinate sums in one scatter: [1, x, y, z] per point
+        acc = torch.zeros(num, 4, dtype=pts.dtype, device=pts.device).scatter_add(
+            0, idx.unsqueeze(1).expand(k, 4), torch.cat([torch.ones_like(pts[:, :1]), pts], dim=1))
+        denom = acc[:, :1].clamp(min=1.0)
+        mean = torch.index_select(acc[:, 1:] / denom, 0, idx)
         offset = pts - self.pillar_centers(idx, pts.dtype)
         feats = torch.cat([pts, pts - mean, offset], dim=1)
         emb = F.relu(self.norm(self.linear(feats)))
