@@ -63,7 +63,8 @@ def load_split(root: Path, split: str, max_pairs: int | None):
     out = []
     for pair in iter_pairs(root, split, with_gt=True):
         if pair.gt is None:
-            raise SystemExit(f'{root}/{split}/{pair.log_id}: no scene_flow/ ground truth (need a synthetic split)')
+            raise SystemExit(f'{root}/{split}/{pair.log_id}: no scene_flow/ ground truth '
+                             '(need a synthetic split)')
         prep = prepare_pair(pair.points0, pair.points1, pair.ego1_T_ego0,
                             is_ground0=pair.is_ground0, is_ground1=pair.is_ground1)
         out.append((pair, prep))
@@ -115,7 +116,8 @@ def run_method(pairs, cfg, device: str, batch: int, cache: Path | None, tag: str
             flows[i], infos[i] = f, info
             if cache:
                 cache.mkdir(parents=True, exist_ok=True)
-                np.savez(cache / f'{tag}_{pairs[i][0].log_id}_{pairs[i][0].ts0}.npz', flow=f, info=json.dumps(info))
+                np.savez(cache / f'{tag}_{pairs[i][0].log_id}_{pairs[i][0].ts0}.npz', flow=f,
+                         info=json.dumps(info))
         print(f'  {tag}: {s + len(idx)}/{len(todo)} pairs, last batch {res[0][1]["batch_seconds"]:.1f} s, '
               f'iterations {[r[1]["iterations"] for r in res]}', flush=True)
     cpu = time.process_time() - cpu0
@@ -151,24 +153,28 @@ def time_pair(n: int, cfg, device: str, batch: int) -> dict[str, float]:
         import torch
         torch.cuda.synchronize()
     info = res[0][1]
-    return {'wall_s_per_pair': (time.perf_counter() - wall0) / batch, 'cpu_s_per_pair': (time.process_time() - cpu0) / batch,
+    return {'wall_s_per_pair': (time.perf_counter() - wall0) / batch,
+            'cpu_s_per_pair': (time.process_time() - cpu0) / batch,
             'iterations': info['iterations'], 'setup_s': info['setup_seconds'] / batch,
             'per_iter_s': info['optim_seconds'] / max(1, info['iterations']) / batch, 'batch': batch}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    ap.add_argument('--quick', action='store_true', help='CI smoke: tiny split, capped iterations, short timing')
+    ap.add_argument('--quick', action='store_true',
+                    help='CI smoke: tiny split, capped iterations, short timing')
     ap.add_argument('--data', type=Path, help='synthetic dataset root with GT (default: generate one)')
     ap.add_argument('--split', default='val')
-    ap.add_argument('--gen-logs', type=int, default=4, help='logs to generate when --data is not given (2 pairs each)')
+    ap.add_argument('--gen-logs', type=int, default=4,
+                    help='logs to generate when --data is not given (2 pairs each)')
     ap.add_argument('--pairs', type=int, default=None, help='use at most this many pairs')
     ap.add_argument('--device', default='cpu')
     ap.add_argument('--threads', type=int, default=1, help='torch threads (the 60 s target assumes 1)')
     ap.add_argument('--batch-pairs', type=int, default=1, help='pairs per batched optimisation (GPU)')
     ap.add_argument('--faithful-max-iters', type=int, default=None, help='cap the faithful accuracy runs')
     ap.add_argument('--skip-faithful', action='store_true', help='accuracy of the fast variant(s) only')
-    ap.add_argument('--faithful-timing-iters', type=int, default=20, help='faithful iterations timed at 30k/60k')
+    ap.add_argument('--faithful-timing-iters', type=int, default=20,
+                    help='faithful iterations timed at 30k/60k')
     ap.add_argument('--sizes', default='30000,60000', help='point counts for the timing part ("" skips it)')
     ap.add_argument('--variant', action='append', default=[], metavar='NAME:key=val,...',
                     help='extra fast variant(s) to compare, e.g. s4k:fit_points=4096,fast_max_iters=400')
@@ -199,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         methods['faithful'] = faithful_cfg
 
     report: dict[str, Any] = {'device': args.device, 'threads': args.threads, 'batch_pairs': args.batch_pairs,
-                              'torch': torch.__version__, 'configs': {k: c.to_dict() for k, c in methods.items()},
+                              'torch': torch.__version__,
+                              'configs': {k: c.to_dict() for k, c in methods.items()},
                               'accuracy': {}, 'timing': {}}
     if args.device.startswith('cuda'):
         report['gpu'] = torch.cuda.get_device_name(0)
@@ -219,12 +226,14 @@ def main(argv: list[str] | None = None) -> int:
         pairs = load_split(root, args.split, args.pairs)
         report['pairs'] = len(pairs)
         report['points_per_pair'] = float(np.mean([len(p.pc0) for _, p in pairs]))
-        print(f'accuracy: {len(pairs)} pairs, {report["points_per_pair"]:.0f} points per pair after preprocessing')
+        print(f'accuracy: {len(pairs)} pairs, {report["points_per_pair"]:.0f} points per pair '
+              'after preprocessing')
         for name, cfg in methods.items():
             flows, infos, stats = run_method(pairs, cfg, args.device, args.batch_pairs, args.cache, name)
             stats.update(score(pairs, flows))
             report['accuracy'][name] = stats
-            print(f'  {name}: threeway EPE {stats["EPE 3-Way Average"]:.4f}, {stats["mean_iterations"]:.0f} iterations, '
+            print(f'  {name}: threeway EPE {stats["EPE 3-Way Average"]:.4f}, '
+                  f'{stats["mean_iterations"]:.0f} iterations, '
                   f'{stats["wall_s_per_pair"]:.2f} s/pair', flush=True)
             if args.json:
                 args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -249,23 +258,28 @@ def main(argv: list[str] | None = None) -> int:
                 it = 3 if args.quick else args.faithful_timing_iters
                 t = time_pair(n, NSFPConfig.faithful(max_iters=it, patience=10**6, nn=cfg.nn), args.device, 1)
                 t['extrapolated_s_per_pair'] = t['setup_s'] + t['per_iter_s'] * faithful_iters
-                t['extrapolated_cpu_s_per_pair'] = t['cpu_s_per_pair'] / max(1, t['iterations']) * faithful_iters
+                t['extrapolated_cpu_s_per_pair'] = (t['cpu_s_per_pair'] / max(1, t['iterations'])
+                                                    * faithful_iters)
                 t['extrapolated_from'] = f'{t["iterations"]} timed iterations x {faithful_iters_note}'
             else:
                 t = time_pair(n, cfg, args.device, args.batch_pairs)
             row[name] = t
-            print(f'  timing {n} points {name}: {json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in t.items()})}',
+            shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in t.items()}
+            print(f'  timing {n} points {name}: {json.dumps(shown)}',
                   flush=True)
         report['timing'][str(n)] = row
 
     print()
     print(f'device {args.device}{" (" + report.get("gpu", "") + ")" if "gpu" in report else ""}, '
-          f'{args.threads} thread(s), batch {args.batch_pairs}; accuracy on {report["pairs"]} synthetic pairs '
+          f'{args.threads} thread(s), batch {args.batch_pairs}; '
+          f'accuracy on {report["pairs"]} synthetic pairs '
           f'({report["points_per_pair"]:.0f} pts)')
-    print(f'{"method":<12}{"3-way EPE":>10}{"FG dyn":>9}{"FG stat":>9}{"BG stat":>9}{"iters":>7}{"s/pair":>9}{"cpu s":>9}')
+    print(f'{"method":<12}{"3-way EPE":>10}{"FG dyn":>9}{"FG stat":>9}{"BG stat":>9}'
+          f'{"iters":>7}{"s/pair":>9}{"cpu s":>9}')
     for name, a in report['accuracy'].items():
         print(f'{name:<12}{a["EPE 3-Way Average"]:>10.4f}{a["EPE/Foreground/Dynamic"]:>9.4f}'
-              f'{a["EPE/Foreground/Static"]:>9.4f}{a["EPE/Background/Static"]:>9.4f}{a["mean_iterations"]:>7.0f}'
+              f'{a["EPE/Foreground/Static"]:>9.4f}{a["EPE/Background/Static"]:>9.4f}'
+              f'{a["mean_iterations"]:>7.0f}'
               f'{a["wall_s_per_pair"]:>9.1f}{a["cpu_s_per_pair"]:>9.1f}')
     if 'faithful' in report['accuracy']:
         base = report['accuracy']['faithful']['EPE 3-Way Average']
@@ -276,10 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     for n, row in report['timing'].items():
         for name, t in row.items():
             if 'extrapolated_s_per_pair' in t:
-                print(f'{n:>6} pts {name:<10} {t["per_iter_s"]:.3f} s/iter -> ~{t["extrapolated_s_per_pair"]:.0f} s/pair '
+                print(f'{n:>6} pts {name:<10} {t["per_iter_s"]:.3f} s/iter '
+                      f'-> ~{t["extrapolated_s_per_pair"]:.0f} s/pair '
                       f'(EXTRAPOLATED: {t["extrapolated_from"]})')
             else:
-                print(f'{n:>6} pts {name:<10} {t["wall_s_per_pair"]:.1f} s/pair wall, {t["cpu_s_per_pair"]:.1f} cpu-s, '
+                print(f'{n:>6} pts {name:<10} {t["wall_s_per_pair"]:.1f} s/pair wall, '
+                      f'{t["cpu_s_per_pair"]:.1f} cpu-s, '
                       f'{t["iterations"]} iterations (measured, batch {t["batch"]})')
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

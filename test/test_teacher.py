@@ -186,7 +186,8 @@ def test_batched_equals_unbatched_and_early_stop_is_per_pair():
         np.testing.assert_allclose(fb, f1, rtol=1e-4, atol=1e-5)
         assert ib['iterations'] == i1['iterations'] and ib['batch'] == 3 and i1['batch'] == 1
         assert ib['fit_points'] == min(len(a), 120)
-    stop_cfg = NSFPConfig(fast=False, max_iters=50, patience=3, min_delta=1e9, hidden_units=16, hidden_layers=2)
+    stop_cfg = NSFPConfig(fast=False, max_iters=50, patience=3, min_delta=1e9, hidden_units=16,
+                          hidden_layers=2)
     out = run_nsfp_batch(pairs, stop_cfg, 'cpu', seeds)
     assert [o[1]['iterations'] for o in out] == [4, 4, 4]
     assert all(o[1]['stop'] == 'early_stop' for o in out)
@@ -240,4 +241,5 @@ def test_config_rejects_unknown_engine_and_resolves_auto():
     assert (f.iters, f.eff_patience, f.lr, f.min_delta, f.trunc_sq_dist) == (5000, 100, 0.008, 5e-5, 2.0)
     assert f.lr_at(4000) == 0.008
     fast = NSFPConfig()
-    assert fast.lr_at(0) == pytest.approx(0.008) and fast.lr_at(fast.fast_max_iters - 1) == pytest.approx(0.0008)
+    assert fast.lr_at(0) == pytest.approx(0.008)
+    assert fast.lr_at(fast.fast_max_iters - 1) == pytest.approx(0.008 * fast.fast_lr_final)

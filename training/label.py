@@ -37,9 +37,9 @@ import logging
 import os
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -180,7 +180,8 @@ def _lock(out: Path):
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         fh.close()
-        raise LabelError(f'{out}: another `zeroflow label` is writing here (lock {out / ".lock"} held)') from None
+        raise LabelError(f'{out}: another `zeroflow label` is writing here '
+                         f'(lock {out / ".lock"} held)') from None
     return fh
 
 
@@ -199,7 +200,8 @@ def _failed_columns(points0: np.ndarray, T: np.ndarray) -> dict[str, np.ndarray]
     return cols
 
 
-def _ok_columns(points0: np.ndarray, T: np.ndarray, mask0: np.ndarray, residual: np.ndarray) -> dict[str, np.ndarray]:
+def _ok_columns(points0: np.ndarray, T: np.ndarray, mask0: np.ndarray,
+                residual: np.ndarray) -> dict[str, np.ndarray]:
     from zeroflow_ros.core.geometry import residual_to_av2
     n = len(points0)
     res = np.zeros((n, 3), dtype=np.float32)
@@ -221,8 +223,10 @@ def _base_record(task: PairTask) -> dict[str, Any]:
 
 def label_batch(tasks: list[PairTask], out: Path, cfg: Any = None, prep: Any = None,
                 device: str = 'cpu') -> list[dict[str, Any]]:
-    """Label ``tasks`` in one batched NSFP optimisation, write one file per pair, return the
-    manifest records. Data problems become ``failed`` records (see module docstring)."""
+    """Label ``tasks`` in one batched NSFP optimisation; write one file per pair.
+
+    Returns the manifest records. Data problems become ``failed`` records (see the module docstring).
+    """
     from zeroflow_ros.core.preprocess import PreprocessConfig, prepare_pair
     from zeroflow_ros.data.av2 import AV2Log
 
@@ -307,7 +311,8 @@ def label_batch(tasks: list[PairTask], out: Path, cfg: Any = None, prep: Any = N
 # ----------------------------------------------------------------------------------------------
 # scheduling
 
-def list_tasks(data_root: Path, split: str, out: Path, limit: int | None = None) -> tuple[list[PairTask], int]:
+def list_tasks(data_root: Path, split: str, out: Path,
+               limit: int | None = None) -> tuple[list[PairTask], int]:
     """Pairs still to label (files already written are skipped) and how many are done."""
     from zeroflow_ros.data.av2 import list_logs
     logs = list_logs(Path(data_root), split)
@@ -350,7 +355,8 @@ def _worker_label(tasks: list[PairTask], out: str, cfg_dict: dict, prep_dict: di
     from zeroflow_training.teacher.nsfp import NSFPConfig
     cfg_dict = dict(cfg_dict)
     cfg_dict['betas'] = tuple(cfg_dict['betas'])
-    return label_batch(tasks, Path(out), NSFPConfig(**cfg_dict), PreprocessConfig.from_dict(prep_dict), device)
+    return label_batch(tasks, Path(out), NSFPConfig(**cfg_dict), PreprocessConfig.from_dict(prep_dict),
+                       device)
 
 
 def _run_local(batches, out, cfg_dict, prep_dict, device, workers, threads) -> Iterator[list[dict]]:
@@ -375,7 +381,8 @@ def _run_local(batches, out, cfg_dict, prep_dict, device, workers, threads) -> I
                 yield fut.result()
                 nxt = next(it, None)
                 if nxt is not None:
-                    pending.add(pool.submit(_worker_label, nxt, str(out), cfg_dict, prep_dict, device, threads))
+                    pending.add(pool.submit(_worker_label, nxt, str(out), cfg_dict, prep_dict, device,
+                                            threads))
 
 
 def _run_ray(batches, out, cfg_dict, prep_dict, device, address, workers, threads,
@@ -420,7 +427,8 @@ def run_label(data_root: Path, split: str, out: Path, cfg: Any = None, prep: Any
     cfg = cfg or NSFPConfig()
     prep = prep or PreprocessConfig()
     if workers < 1 or batch_pairs < 1 or threads < 1:
-        raise LabelError(f'--workers, --batch-pairs, --threads must be >= 1, got {workers}, {batch_pairs}, {threads}')
+        raise LabelError(f'--workers, --batch-pairs, --threads must be >= 1, '
+                         f'got {workers}, {batch_pairs}, {threads}')
     if limit is not None and limit < 0:
         raise LabelError(f'--limit must be >= 0, got {limit}')
     out = Path(out)
@@ -439,7 +447,8 @@ def run_label(data_root: Path, split: str, out: Path, cfg: Any = None, prep: Any
         prep_dict = prep.to_dict()
         batches = _batches(tasks, batch_pairs)
         if ray_address:
-            stream = _run_ray(batches, out, cfg_dict, prep_dict, device, ray_address, workers, threads, gpus_per_task)
+            stream = _run_ray(batches, out, cfg_dict, prep_dict, device, ray_address, workers, threads,
+                              gpus_per_task)
         else:
             stream = _run_local(batches, out, cfg_dict, prep_dict, device, workers, threads)
         bar = progress(total=len(tasks)) if progress else None
@@ -487,9 +496,11 @@ def _recover_manifest(out: Path, manifest: Manifest) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('data_root', type=Path, help='dataset root holding <split>/<log_id>/... (AV2 layout)')
     parser.add_argument('--split', default='train', help='split folder under DATA_ROOT (default train)')
-    parser.add_argument('--out', required=True, type=Path, help='LABELS folder: <log_id>/<ts>.feather + manifest.jsonl')
+    parser.add_argument('--out', required=True, type=Path,
+                        help='LABELS folder: <log_id>/<ts>.feather + manifest.jsonl')
     parser.add_argument('--workers', type=int, default=None,
-                        help='local processes, or Ray CPUs with --ray local (default: CPU count; 2 with cuda)')
+                        help='local processes, or Ray CPUs with --ray local '
+                             '(default: CPU count; 2 with cuda)')
     parser.add_argument('--ray', metavar='ADDRESS', default=None,
                         help="run tasks on a Ray cluster (ray.init(address=...)); 'local' starts one here")
     parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda', 'auto'))
@@ -533,12 +544,13 @@ def run(args: argparse.Namespace) -> int:
     workers = args.workers or (2 if device.startswith('cuda') else (os.cpu_count() or 1))
     cfg = config_from_args(args)
     prep = PreprocessConfig(ground=args.ground)
-    progress = None
+    progress: Callable[..., Any] | None = None
     if not args.no_progress:
         from tqdm import tqdm
 
-        def progress(total: int):
+        def _bar(total: int):
             return tqdm(total=total, unit='pair', desc='label', smoothing=0.1)
+        progress = _bar
     t0 = time.perf_counter()
     counts = run_label(args.data_root, args.split, args.out, cfg, prep, device, workers, args.batch_pairs,
                        args.limit, args.ray, args.threads, args.gpus_per_task, progress)
@@ -548,5 +560,6 @@ def run(args: argparse.Namespace) -> int:
           f'{f" ({3600 * n / dt:.0f} pairs/hour)" if n else ""}; {counts["done_before"]} were already done; '
           f'manifest: {Path(args.out) / MANIFEST}')
     if counts['failed']:
-        print(f'{counts["failed"]} pairs failed (label files with is_valid False and ego flow); reasons in the manifest')
+        print(f'{counts["failed"]} pairs failed (label files with is_valid False and ego flow); '
+              'reasons in the manifest')
     return 0

@@ -33,9 +33,11 @@ class NNSearchError(ValueError):
 
 def _check(query: torch.Tensor, qmask: torch.Tensor, target: torch.Tensor, tmask: torch.Tensor) -> None:
     if query.ndim != 3 or query.shape[-1] != 3 or target.ndim != 3 or target.shape[-1] != 3:
-        raise NNSearchError(f'query/target must be (K,P,3)/(K,Q,3), got {tuple(query.shape)} / {tuple(target.shape)}')
+        raise NNSearchError(f'query/target must be (K,P,3)/(K,Q,3), '
+                            f'got {tuple(query.shape)} / {tuple(target.shape)}')
     if query.shape[0] != target.shape[0] or qmask.shape != query.shape[:2] or tmask.shape != target.shape[:2]:
-        raise NNSearchError(f'batch/mask shapes disagree: query {tuple(query.shape)} mask {tuple(qmask.shape)}, '
+        raise NNSearchError(f'batch/mask shapes disagree: query {tuple(query.shape)} '
+                            f'mask {tuple(qmask.shape)}, '
                             f'target {tuple(target.shape)} mask {tuple(tmask.shape)}')
     # A host sync: checked on the CPU only (on a GPU the caller guarantees it, see nsfp._check_cloud).
     if tmask.device.type == 'cpu' and not bool(tmask.any(dim=1).all()):
@@ -79,8 +81,9 @@ def nn_brute(query: torch.Tensor, qmask: torch.Tensor, target: torch.Tensor, tma
 
 
 @torch.no_grad()
-def nn_kdtree(query: torch.Tensor, qmask: torch.Tensor, target: torch.Tensor, tmask: torch.Tensor) -> torch.Tensor:
-    """Same contract as :func:`nn_brute`, with scipy's cKDTree (CPU; a device tensor round-trips)."""
+def nn_kdtree(query: torch.Tensor, qmask: torch.Tensor, target: torch.Tensor,
+              tmask: torch.Tensor) -> torch.Tensor:
+    """Find nearest neighbours as :func:`nn_brute` does, with scipy's cKDTree (CPU)."""
     from scipy.spatial import cKDTree
 
     _check(query, qmask, target, tmask)
@@ -163,14 +166,14 @@ class DistanceGrid:
         self.extent = torch.tensor((shape - 1) * voxel, dtype=torch.float32, device=device)
 
     def select(self, rows: torch.Tensor) -> 'DistanceGrid':
-        """The same grids restricted to some batch rows."""
+        """Restrict the grids to some batch rows."""
         out = DistanceGrid.__new__(DistanceGrid)
         out.voxel, out.max_dist = self.voxel, self.max_dist
         out.grid, out.low, out.extent = self.grid[rows], self.low[rows], self.extent
         return out
 
     def distance(self, query: torch.Tensor) -> torch.Tensor:
-        """Interpolated distance (K, P) to the nearest target point, differentiable w.r.t. query."""
+        """Interpolate distances to the nearest target point, (K, P); differentiable in query."""
         u = (query - self.low[:, None, :]) / self.extent * 2.0 - 1.0
         out = torch.nn.functional.grid_sample(self.grid, u[:, None, None], mode='bilinear',
                                               padding_mode='border', align_corners=True)

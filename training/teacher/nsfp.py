@@ -46,7 +46,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -92,7 +92,8 @@ class NSFPConfig:
     def __post_init__(self) -> None:
         if self.nn not in NN_CHOICES:
             raise NSFPError(f'NSFPConfig.nn must be one of {NN_CHOICES}, got {self.nn!r}')
-        for name in ('hidden_units', 'hidden_layers', 'max_iters', 'fit_points', 'fast_max_iters', 'min_points'):
+        for name in ('hidden_units', 'hidden_layers', 'max_iters', 'fit_points', 'fast_max_iters',
+                     'min_points'):
             if int(getattr(self, name)) < 1:
                 raise NSFPError(f'NSFPConfig.{name} must be >= 1, got {getattr(self, name)}')
         if not (self.lr > 0 and self.trunc_sq_dist > 0 and 0 < self.fast_lr_final <= 1):
@@ -121,7 +122,8 @@ class NSFPConfig:
         if not self.fast or self.fast_lr_final >= 1.0:
             return self.lr
         frac = min(1.0, it / max(1, self.fast_max_iters - 1))
-        return self.lr * (self.fast_lr_final + (1 - self.fast_lr_final) * 0.5 * (1 + math.cos(math.pi * frac)))
+        cosine = 0.5 * (1 + math.cos(math.pi * frac))
+        return self.lr * (self.fast_lr_final + (1 - self.fast_lr_final) * cosine)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -146,7 +148,8 @@ def _stack_params(per_pair: list[list[tuple[torch.Tensor, torch.Tensor]]], devic
     params = []
     for layer in range(len(per_pair[0])):
         params.append(torch.stack([p[layer][0] for p in per_pair]).to(device).requires_grad_(True))
-        params.append(torch.stack([p[layer][1] for p in per_pair])[:, None, :].to(device).requires_grad_(True))
+        bias = torch.stack([p[layer][1] for p in per_pair])[:, None, :]
+        params.append(bias.to(device).requires_grad_(True))
     return params
 
 
@@ -161,9 +164,11 @@ def mlp_forward(params: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor
 
 
 class MaskedAdam:
-    """torch.optim.Adam's update (non-amsgrad, L2 weight decay) on stacked per-pair parameters,
-    applied only to the pairs still optimising: a stopped pair keeps its weights and moments,
-    exactly as if it had been optimised alone."""
+    """torch.optim.Adam's update (non-amsgrad, L2 weight decay) on stacked per-pair parameters.
+
+    It is applied only to the pairs still optimising: a stopped pair keeps its weights and moments,
+    exactly as if it had been optimised alone.
+    """
 
     def __init__(self, params: list[torch.Tensor], lr: float, betas: tuple[float, float], eps: float,
                  weight_decay: float) -> None:
@@ -198,7 +203,7 @@ class MaskedAdam:
             p.grad = None
 
     def select(self, rows: torch.Tensor) -> 'MaskedAdam':
-        """The same optimiser restricted to some batch rows (new leaf parameters, sliced moments)."""
+        """Restrict the optimiser to some batch rows (new leaf parameters, sliced moments)."""
         out = MaskedAdam([p.detach()[rows].clone().requires_grad_(True) for p in self.params],
                          self.lr, self.betas, self.eps, self.wd)
         out.m = [m[rows].clone() for m in self.m]
@@ -233,7 +238,7 @@ class _FixedTarget:
                                      math.sqrt(cfg.trunc_sq_dist) + cfg.dt_voxel, target.device)
 
     def select(self, rows: torch.Tensor) -> '_FixedTarget':
-        """The same targets restricted to some batch rows (CPU index tensor)."""
+        """Restrict the targets to some batch rows (CPU index tensor)."""
         out = _FixedTarget.__new__(_FixedTarget)
         out.engine = self.engine
         dev_rows = rows.to(self.target.device)
@@ -270,11 +275,14 @@ def _moving_sq_dist(engine: str, query: torch.Tensor, qmask: torch.Tensor, targe
 
 
 def truncated_chamfer(a: torch.Tensor, amask: torch.Tensor, b: torch.Tensor, bmask: torch.Tensor,
-                      engine: str = 'brute', trunc_sq_dist: float = 2.0, dt_voxel: float = 0.1) -> torch.Tensor:
-    """(K,) truncated Chamfer of the reference ``my_chamfer_fn``: mean over a of the squared distance
-    to the nearest b plus mean over b of that to the nearest a, squared distances ``>= trunc``
-    counting 0. ``a`` is the moving side (its NN in b goes through ``engine``; for b's NN in a, dt
-    falls back to an exact search)."""
+                      engine: str = 'brute', trunc_sq_dist: float = 2.0,
+                      dt_voxel: float = 0.1) -> torch.Tensor:
+    """Return the (K,) truncated Chamfer distance of the reference ``my_chamfer_fn``.
+
+    Mean over a of the squared distance to the nearest b plus mean over b of that to the nearest
+    a, squared distances ``>= trunc`` counting 0. ``a`` is the moving side (its NN in b goes
+    through ``engine``; for b's NN in a, dt falls back to an exact search).
+    """
     cfg = NSFPConfig(nn=engine, trunc_sq_dist=trunc_sq_dist, dt_voxel=dt_voxel)
     na = amask.sum(1).to(a.dtype)
     nb = bmask.sum(1).to(b.dtype)
@@ -293,7 +301,8 @@ def _check_cloud(name: str, pc: Any, min_points: int) -> np.ndarray:
     if not np.issubdtype(a.dtype, np.floating):
         raise NSFPError(f'{name}: expected float32 points, got dtype {a.dtype}')
     if len(a) < min_points:
-        raise NSFPError(f'{name}: {len(a)} points, NSFP needs at least {min_points} (empty after ground removal?)')
+        raise NSFPError(f'{name}: {len(a)} points, NSFP needs at least {min_points} '
+                        '(empty after ground removal?)')
     if not np.isfinite(a).all():
         raise NSFPError(f'{name}: {int((~np.isfinite(a)).any(1).sum())} points with NaN/inf coordinates')
     return a.astype(np.float32, copy=False)
@@ -312,17 +321,22 @@ def _pad(clouds: list[np.ndarray], device) -> tuple[torch.Tensor, torch.Tensor, 
 
 def run_nsfp(pc0: np.ndarray, pc1: np.ndarray, cfg: NSFPConfig | None = None, device: str = 'cpu',
              seed: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """Residual flow (N,3) float32 of ``pc0`` towards ``pc1`` (both in ego0), and an info dict
-    (iterations, loss, forward_loss, seconds, status, reason, points, fit_points, stop)."""
+    """Estimate the residual flow (N,3) float32 of ``pc0`` towards ``pc1`` (both in ego0).
+
+    Returns it with an info dict (status ok/failed, reason, iterations, loss, forward_loss, stop,
+    seconds, points, fit_points, ...). Raises :class:`NSFPError` on bad input.
+    """
     return run_nsfp_batch([(pc0, pc1)], cfg, device, None if seed is None else [seed])[0]
 
 
 def run_nsfp_batch(pairs: Sequence[tuple[np.ndarray, np.ndarray]], cfg: NSFPConfig | None = None,
                    device: str | torch.device = 'cpu',
                    seeds: Sequence[int] | None = None) -> list[tuple[np.ndarray, dict[str, Any]]]:
-    """Optimise K pairs in one batched optimisation (see module docstring); one seed per pair
-    (default ``cfg.seed``) fixes its initial weights and its subsample, so a pair's result is
-    the same alone or in any batch. Raises :class:`NSFPError` on bad input."""
+    """Optimise K pairs in one batched optimisation (see the module docstring).
+
+    One seed per pair (default ``cfg.seed``) fixes its initial weights and its subsample, so a
+    pair's result is the same alone or in any batch. Raises :class:`NSFPError` on bad input.
+    """
     cfg = cfg or NSFPConfig()
     if not pairs:
         return []
@@ -341,8 +355,10 @@ def run_nsfp_batch(pairs: Sequence[tuple[np.ndarray, np.ndarray]], cfg: NSFPConf
         rng = np.random.default_rng(s)
         if cfg.fast:
             # Sorted so the subsample keeps the file order (irrelevant to the maths, handy to debug).
-            a = a[np.sort(rng.choice(len(a), cfg.fit_points, replace=False))] if len(a) > cfg.fit_points else a
-            b = b[np.sort(rng.choice(len(b), cfg.fit_points, replace=False))] if len(b) > cfg.fit_points else b
+            if len(a) > cfg.fit_points:
+                a = a[np.sort(rng.choice(len(a), cfg.fit_points, replace=False))]
+            if len(b) > cfg.fit_points:
+                b = b[np.sort(rng.choice(len(b), cfg.fit_points, replace=False))]
         fit0.append(a)
         fit1.append(b)
         inits.append(_init_mlp(torch.Generator().manual_seed(int(s)), cfg.hidden_units, cfg.hidden_layers))
@@ -358,7 +374,8 @@ def run_nsfp_batch(pairs: Sequence[tuple[np.ndarray, np.ndarray]], cfg: NSFPConf
     # moves (pc1 -> warped, pc0 -> cycle) use the equally subsampled clouds, so both sides of
     # those have the same density, as in the faithful fit.
     if cfg.fast:
-        tgt1 = _FixedTarget(engine, *_pad([np.asarray(b, dtype=np.float32) for _, b in pairs], device)[:2], cfg)
+        full1 = [np.asarray(b, dtype=np.float32) for _, b in pairs]
+        tgt1 = _FixedTarget(engine, *_pad(full1, device)[:2], cfg)
         tgt0 = _FixedTarget(engine, *_pad(full0, device)[:2], cfg)
     else:
         tgt1 = _FixedTarget(engine, x1, m1, cfg)
