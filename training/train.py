@@ -320,7 +320,8 @@ def train(cfg: TrainConfig, data_root: Path, labels: Path | None, run_dir: Path,
     """Run (or resume) training; returns a summary. ``max_steps`` > 0 stops early with a checkpoint."""
     import torch
 
-    from zeroflow_ros.model import BatchedFastFlow3D, FastFlow3D, read_checkpoint, save_checkpoint
+    from zeroflow_ros.model import (BatchedFastFlow3D, FastFlow3D, FastFlow3DConfig, read_checkpoint,
+                                    save_checkpoint)
     from zeroflow_training.dataset import AugmentConfig, Collate, PairDataset
     from zeroflow_training.losses import get_loss
 
@@ -363,7 +364,7 @@ def train(cfg: TrainConfig, data_root: Path, labels: Path | None, run_dir: Path,
     best = math.inf
     if resume:
         ck = read_checkpoint(last, map_location='cpu')
-        if ck['model_config'] != model_cfg.to_dict():
+        if FastFlow3DConfig.from_dict(ck['model_config']) != model_cfg:  # (the description may differ)
             raise TrainError(f'{last}: model_config {ck["model_config"]} differs from the config '
                              f'{model_cfg.to_dict()}; resume with the config of the run '
                              f'({run_dir / "config.yaml"})')
