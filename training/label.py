@@ -504,8 +504,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--ray', metavar='ADDRESS', default=None,
                         help="run tasks on a Ray cluster (ray.init(address=...)); 'local' starts one here")
     parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda', 'auto'))
-    parser.add_argument('--batch-pairs', type=int, default=1, metavar='K',
-                        help='pairs optimised together as one batched problem (GPU: 8-16)')
+    parser.add_argument('--batch-pairs', type=int, default=None, metavar='K',
+                        help='pairs optimised together as one batched problem '
+                             '(default: 8 with cuda, 1 on CPU)')
     parser.add_argument('--limit', type=int, default=None, metavar='N', help='label at most N more pairs')
     parser.add_argument('--nn', default='auto', choices=('auto', 'dt', 'kdtree', 'brute'),
                         help='NN step of the loss (auto: kdtree on CPU, brute force on GPU)')
@@ -541,7 +542,11 @@ def run(args: argparse.Namespace) -> int:
         import torch
         if not torch.cuda.is_available():
             raise LabelError('--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)')
-    workers = args.workers or (2 if device.startswith('cuda') else (os.cpu_count() or 1))
+    on_gpu = device.startswith('cuda')
+    # On one GPU, two processes overlap data loading with the other's optimisation; more only
+    # time-slice the GPU. A CPU runs one single-threaded process per core.
+    workers = args.workers or (2 if on_gpu else (os.cpu_count() or 1))
+    batch_pairs = args.batch_pairs or (8 if on_gpu else 1)
     cfg = config_from_args(args)
     prep = PreprocessConfig(ground=args.ground)
     progress: Callable[..., Any] | None = None
@@ -552,7 +557,7 @@ def run(args: argparse.Namespace) -> int:
             return tqdm(total=total, unit='pair', desc='label', smoothing=0.1)
         progress = _bar
     t0 = time.perf_counter()
-    counts = run_label(args.data_root, args.split, args.out, cfg, prep, device, workers, args.batch_pairs,
+    counts = run_label(args.data_root, args.split, args.out, cfg, prep, device, workers, batch_pairs,
                        args.limit, args.ray, args.threads, args.gpus_per_task, progress)
     dt = time.perf_counter() - t0
     n = counts['ok'] + counts['failed']
