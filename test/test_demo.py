@@ -113,3 +113,21 @@ def test_demo_rejects_bad_arguments(tmp_path):
         run_demo('moon', tmp_path)
     with pytest.raises(DemoError, match='at least 2 sweeps'):
         run_demo('kitti', tmp_path, sweeps=1)
+
+
+def test_demo_kitti_real_sweeps_through_the_node(ros_domain, tmp_path):
+    """The default sequence: real KITTI sweeps, no poses (the node's lidar odometry), into the flow bag."""
+    from zeroflow_ros.demo import find_kitti_sequence, run_demo
+    model = _tiny_model(tmp_path / 'model.pt')
+    res = run_demo('kitti', tmp_path / 'demo', rate=0.0, sweeps=3, model=str(model),
+                   node_params=['backend:=torch', 'device:=cpu', 'warmup_iterations:=0'],
+                   render_px=120, gif=False)
+    assert (res.sweeps_in, res.flows_out, res.dropped, res.epe_m) == (3, 2, 0, None)
+    assert 'EPE' not in res.line() and len(res.pngs) == 2
+    bins = sorted(find_kitti_sequence().glob('*.bin'))
+    for k, msg in enumerate(_flow_messages(res.output_bag)):
+        ref = np.fromfile(bins[k], dtype='<f4').reshape(-1, 4)[:, :3]
+        got = np.stack([_field(msg, c) for c in 'xyz'], axis=1)
+        np.testing.assert_array_equal(got, ref)
+        assert msg.header.frame_id == 'velodyne'
+        assert msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec == 10**9 + k * 10**8
