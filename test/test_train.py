@@ -123,6 +123,9 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(data, tmp_path):
     assert sa['step'] == sb['step'] == 4 and sa['epoch'] == sb['epoch'] == 1
     for k, v in sa['state_dict'].items():
         assert torch.equal(v, sb['state_dict'][k]), k
+    wider = _cfg(epochs=2, model_overrides={**TINY, 'head_hidden': 32})
+    with pytest.raises(TrainError, match='differs from the config'):
+        train(wider, root, labels, tmp_path / 'b', resume=True, val_split=None, max_steps=5, progress=False)
     with pytest.raises(TrainError, match='nothing to resume'):
         train(cfg, root, labels, tmp_path / 'c', resume=True, val_split=None, progress=False)
 
