@@ -304,6 +304,9 @@ def _draw_bev(ax: Any, cfg: RenderConfig, points: np.ndarray, colors: np.ndarray
     x0, y0 = -r * 0.92, -r * 0.92
     ax.plot([x0, x0 + bar], [y0, y0], color='white', linewidth=2)
     ax.text(x0 + bar / 2, y0 + r * 0.025, f'{bar:g} m', color='white', ha='center', va='bottom', fontsize=9)
+    if arrows is not None:
+        ax.text(x0, y0 - r * 0.035, f'arrows: {cfg.arrow_scale:g} x flow per sweep', color='white', ha='left',
+                va='top', fontsize=7)
 
 
 def _order(speed: np.ndarray) -> np.ndarray:
