@@ -306,7 +306,7 @@ def _draw_bev(ax: Any, cfg: RenderConfig, points: np.ndarray, colors: np.ndarray
     ax.text(x0 + bar / 2, y0 + r * 0.025, f'{bar:g} m', color='white', ha='center', va='bottom', fontsize=9)
     if arrows is not None:
         ax.text(x0, y0 - r * 0.035, f'arrows: {cfg.arrow_scale:g} x flow per sweep', color='white', ha='left',
-                va='top', fontsize=7)
+                va='top', fontsize=7, bbox=_LABEL_BOX)
 
 
 def _order(speed: np.ndarray) -> np.ndarray:
