@@ -261,6 +261,7 @@ class Scene:
     crosswalks: list[np.ndarray] = field(default_factory=list)
     obstacles: list[tuple[float, float, float]] = field(default_factory=list)   # trunks, poles: x, y, r
     removed_agents: int = 0                 # moving agents dropped because they would collide
+    next_instance: int = 0                  # instance id for the next agent created
 
     def ego_xy_yaw(self, times: np.ndarray):
         return self.ego_path.pose(self.ego_s0 + self.ego_profile.arc_length(times, self.duration))
@@ -677,13 +678,13 @@ def _build_static_world(scene: Scene, rng, xs, ys, v_roads, h_roads, cfg: SceneC
                                      [('CONSTRUCTION_BARREL', np.array([0.64, 0.64, 1.03]),
                                        np.array([0, 0, 0.515]))],
                                      'barrel')
-    scene._next_instance = next_id[0]   # type: ignore[attr-defined]
+    scene.next_instance = next_id[0]
 
 
 def _build_agents(scene: Scene, rng, xs, ys, v_roads, h_roads, cfg: SceneConfig, in_bounds, ego_lane,
                   times, ex, ey) -> None:
     T = scene.duration
-    next_id = [getattr(scene, '_next_instance', 0)]
+    next_id = [scene.next_instance]
 
     def new_agent(path, s0, profile, parts, tracks, kind):
         k = next_id[0]
