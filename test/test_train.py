@@ -227,6 +227,9 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(data, tmp_path):
     ck = read_checkpoint(run / 'last.pt')
     done = _train_losses(run)
     assert ck['step'] == len(done) >= 2 and ck['optimizer'] is not None
+    slim = read_checkpoint(run / 'model.pt')  # the weights at the interrupt, ready for export
+    assert slim['optimizer'] is None and slim['step'] == ck['step']
+    assert all(torch.equal(v, ck['state_dict'][k]) for k, v in slim['state_dict'].items())
     assert 'SIGINT' in out and '--resume' in out
     # resume picks up at the next step
     cfg = _cfg(epochs=1000, num_workers=0)

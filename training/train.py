@@ -7,10 +7,11 @@ Multi-GPU: ``torchrun --nproc_per_node=N -m zeroflow_training.train --labels ...
 whenever ``WORLD_SIZE`` is set; each process gets ``batch_size`` pairs per step).
 
 Run folder: ``last.pt`` (full state, rewritten every epoch and on SIGINT/SIGTERM; ``--resume``
-continues from it to the exact same curve), ``model.pt`` (final weights + configs, no optimizer:
-what ``zeroflow export`` and the backends load), ``best.pt`` (lowest validation EPE 3-way when a
-validation split exists), ``metrics.csv`` (one row per step and per validation), ``config.yaml``
-(the resolved configuration) and TensorBoard events when ``tensorboard`` is installed.
+continues from it to the exact same curve), ``model.pt`` (the same weights + configs without the
+optimizer, written alongside: what ``zeroflow export`` and the backends load), ``best.pt``
+(lowest validation EPE 3-way when a validation split exists), ``metrics.csv`` (one row per step and
+per validation), ``config.yaml`` (the resolved configuration) and TensorBoard events when
+``tensorboard`` is installed.
 """
 from __future__ import annotations
 
@@ -475,6 +476,7 @@ def train(cfg: TrainConfig, data_root: Path, labels: Path | None, run_dir: Path,
                 bar.close()
             if stopped:
                 save(last, epoch)
+                save(run_dir / 'model.pt', epoch, full=False, extra={'val': last_val, 'stopped': stopped})
                 if dist.main:
                     log.info('stopped (%s) at step %d: checkpoint %s; continue with --resume',
                              stopped, step, last)
@@ -491,10 +493,10 @@ def train(cfg: TrainConfig, data_root: Path, labels: Path | None, run_dir: Path,
                     best = v
                     save(run_dir / 'best.pt', epoch + 1, full=False, extra={'val': last_val})
             save(last, epoch + 1)
+            # the latest weights alone, always loadable by export/backends even if the run is cut later
+            save(run_dir / 'model.pt', epoch + 1, full=False, extra={'val': last_val})
             if dist.main:
                 log.info('epoch %d/%d done in %.1f s (step %d)', epoch + 1, cfg.epochs, epoch_times[-1], step)
-    if not stopped:
-        save(run_dir / 'model.pt', cfg.epochs, full=False, extra={'val': last_val})
     metrics.close()
     if dist.world > 1:
         import torch.distributed as td
