@@ -299,6 +299,12 @@ def test_default_sweep_realism():
     # static world never flagged dynamic, labels as written by the annotations
     static_pts = (lab['category_indices'] == 0)
     assert not lab['is_dynamic'][static_pts].any()
+    # object geometry lies inside its cuboid (only range noise pushes a few returns out), and the
+    # unannotated world (walls, trees, poles) inside none
+    obj = lab['instance_id'] >= 0
+    assert obj.sum() > 500 and (lab['category_indices'][obj] > 0).mean() > 0.99
+    world = ~obj & ~lab['is_ground']
+    assert (lab['category_indices'][world] > 0).mean() < 0.01
 
 
 def test_ego_behaviours_over_seeds():
