@@ -305,6 +305,15 @@ def test_default_sweep_realism():
     assert obj.sum() > 500 and (lab['category_indices'][obj] > 0).mean() > 0.99
     world = ~obj & ~lab['is_ground']
     assert (lab['category_indices'][world] > 0).mean() < 0.01
+    # pedestrians stand on the surface under them: sidewalk tops (curb 0.15 m) or the road
+    ann = lg.annotations[lg.annotations.timestamp_ns == lg.timestamps[0]]
+    ped = ann[ann.category == 'PEDESTRIAN']
+    centre = ped[['tx_m', 'ty_m', 'tz_m']].to_numpy() @ lg.city_T_ego[0][:3, :3].T + lg.city_T_ego[0][:3, 3]
+    bottom = centre[:, 2] - ped['height_m'].to_numpy() / 2
+    support = lg.scene.surface_height(centre[:, 0], centre[:, 1])
+    on_sidewalk = support - lg.scene.ground.height(centre[:, 0], centre[:, 1]) > 0.1
+    assert len(ped) >= 3 and on_sidewalk.any()
+    np.testing.assert_allclose(bottom, support, atol=1e-6)
 
 
 def test_ego_behaviours_over_seeds():

@@ -266,6 +266,21 @@ class Scene:
     def ego_xy_yaw(self, times: np.ndarray):
         return self.ego_path.pose(self.ego_s0 + self.ego_profile.arc_length(times, self.duration))
 
+    def surface_height(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Height of what stands under (x, y): the ground, or a sidewalk top where one is."""
+        x, y = np.asarray(x, float), np.asarray(y, float)
+        h = self.ground.height(x, y)
+        P = self.static
+        if not P.slab_center:
+            return h
+        C, H = np.array(P.slab_center), np.array(P.slab_half)
+        Y, OFF = np.array(P.slab_yaw), np.array(P.slab_offset)
+        dx, dy = x[..., None] - C[:, 0], y[..., None] - C[:, 1]
+        lx = np.cos(Y) * dx + np.sin(Y) * dy
+        ly = -np.sin(Y) * dx + np.cos(Y) * dy
+        inside = (np.abs(lx) <= H[:, 0]) & (np.abs(ly) <= H[:, 1])
+        return h + np.max(np.where(inside, OFF, 0.0), axis=-1)
+
     def city_T_ego(self, times: np.ndarray) -> np.ndarray:
         """(T,4,4) ego poses: origin on the ground under the rear axle, z along the ground normal."""
         x, y, yaw = self.ego_xy_yaw(times)

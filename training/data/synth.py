@@ -65,7 +65,7 @@ from .scene import Agent, Scene, SceneConfig, generate_scene
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 VAL_SEED_BASE = 1_000_000
 TIMESTAMP_BASE_NS = 315_000_000_000_000_000
 SWEEP_PERIOD_NS = 100_000_000
@@ -330,9 +330,11 @@ def simulate_log(seed: int, sweeps: int, lidar: LidarConfig | None = None,
         P = _copy_static(scene.static)
         track_poses = []
         ego_xy = T[:2, 3]
-        for agent, (ax, ay, ayaw) in zip(scene.agents, agent_poses):
-            x, y, yaw = float(ax[k]), float(ay[k]), float(ayaw[k])
-            z = float(scene.ground.height(np.array(x), np.array(y)))
+        # agents stand on the sidewalk top where they are on one (pedestrians, signs, bollards)
+        zs = scene.surface_height(np.array([a[0][k] for a in agent_poses]),
+                                  np.array([a[1][k] for a in agent_poses]))
+        for agent, (ax, ay, ayaw), z in zip(scene.agents, agent_poses, zs):
+            x, y, yaw, z = float(ax[k]), float(ay[k]), float(ayaw[k]), float(z)
             if np.hypot(x - ego_xy[0], y - ego_xy[1]) <= lidar.max_range_m + 15.0:
                 _agent_primitives(P, agent, x, y, yaw, z)
             for trk in agent.tracks:
