@@ -243,3 +243,20 @@ def test_config_rejects_unknown_engine_and_resolves_auto():
     fast = NSFPConfig()
     assert fast.lr_at(0) == pytest.approx(0.008)
     assert fast.lr_at(fast.fast_max_iters - 1) == pytest.approx(0.008 * fast.fast_lr_final)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU (run on an H200 in development)')
+@pytest.mark.parametrize('nn', ['brute', 'kdtree', 'dt'])
+def test_cuda_matches_cpu(nn):
+    rng = np.random.default_rng(8)
+    pairs = []
+    for n in (300, 500, 200):
+        a = rng.normal(0, 3, (n, 3)).astype(np.float32)
+        pairs.append((a, a + np.float32([0.3, 0, 0])))
+    cfg = NSFPConfig(fit_points=256, fast_max_iters=40, hidden_units=64, nn=nn)
+    cuda = run_nsfp_batch(pairs, cfg, 'cuda', [1, 2, 3])
+    cpu = run_nsfp_batch(pairs, cfg, 'cpu', [1, 2, 3])
+    for (fc, ic), (fp, ip) in zip(cuda, cpu):
+        assert ic['status'] == 'ok' and ic['device'].startswith('cuda')
+        np.testing.assert_allclose(fc, fp, atol=1e-3)
