@@ -189,7 +189,9 @@ def setup_distributed(device_arg: str) -> tuple[Dist, Any]:
     else:
         raise TrainError(f'--device: expected auto, cpu, cuda or cuda:N, got {device_arg!r}')
     if world > 1 and not td.is_initialized():
-        td.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
+        import datetime
+        td.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo',
+                              timeout=datetime.timedelta(minutes=30))
     return dist, device
 
 
@@ -482,12 +484,19 @@ def train(cfg: TrainConfig, data_root: Path, labels: Path | None, run_dir: Path,
                              stopped, step, last)
                 break
             epoch_times.append(time.perf_counter() - t_epoch)
-            if val_ok and dist.main and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
-                last_val = validate(model, data_root, val_split, pre_cfg, cfg.val_max_pairs)
+            if val_ok and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
+                if dist.world > 1:
+                    # BatchNorm running stats drift per rank after the last step (DDP re-syncs them
+                    # only at the next forward): validate every rank with rank 0's, the saved ones
+                    import torch.distributed as td
+                    for buf in model.buffers():
+                        td.broadcast(buf, 0)
+                last_val = validate(model, data_root, val_split, pre_cfg, cfg.val_max_pairs, dist)
                 metrics.write({'split': 'val', 'epoch': epoch, 'step': step, **last_val})
-                log.info('epoch %d: val EPE 3-way %.4f (FD %.4f, FS %.4f, BS %.4f), dynamic IoU %.3f',
-                         epoch + 1, last_val['epe_3way'], last_val['epe_fg_dynamic'],
-                         last_val['epe_fg_static'], last_val['epe_bg_static'], last_val['dynamic_iou'])
+                if dist.main:
+                    log.info('epoch %d: val EPE 3-way %.4f (FD %.4f, FS %.4f, BS %.4f), dynamic IoU %.3f',
+                             epoch + 1, last_val['epe_3way'], last_val['epe_fg_dynamic'],
+                             last_val['epe_fg_static'], last_val['epe_bg_static'], last_val['dynamic_iou'])
                 v = last_val['epe_3way']
                 if math.isfinite(v) and v < best:
                     best = v
@@ -534,11 +543,14 @@ def _mean_over_ranks(logs: dict[str, float], dist: Dist, dev) -> dict[str, float
 
 # --- validation ------------------------------------------------------------------------------------
 
-def validate(model, data_root: Path, split: str, pre_cfg, max_pairs: int = 0) -> dict[str, float]:
+def validate(model, data_root: Path, split: str, pre_cfg, max_pairs: int = 0,
+             dist: Dist | None = None) -> dict[str, float]:
     """AV2 three-way metrics of the student on a split with ground truth (official eval rules).
 
     The student scores the points ``prepare_pair`` keeps and that fall in its grid; every other
-    point gets the static-world flow, as ``zeroflow predict`` writes it.
+    point gets the static-world flow, as ``zeroflow predict`` writes it. Under DDP each process
+    scores every ``world``-th pair and the per-pair rows are gathered, so every rank returns the
+    same figures and none waits idle on a collective while one rank validates alone.
     """
     import torch
 
@@ -552,12 +564,13 @@ def validate(model, data_root: Path, split: str, pre_cfg, max_pairs: int = 0) ->
 
     was_training = model.training
     model.eval()
-    acc = ThreeWayAccumulator()
+    dist = dist or Dist()
     pairs = list_pairs(Path(data_root), split, None)
     if max_pairs:
         pairs = pairs[:: max(1, len(pairs) // max_pairs)][:max_pairs]
     logs: dict[str, AV2Log] = {}
-    for ref in pairs:
+    rows = []
+    for ref in pairs[dist.rank::dist.world]:
         lg = logs.setdefault(ref.log_dir, AV2Log(Path(ref.log_dir)))
         pair = lg.pair(ref.ts0, ref.ts1, with_gt=True)
         gt = pair.gt
@@ -575,9 +588,17 @@ def validate(model, data_root: Path, split: str, pre_cfg, max_pairs: int = 0) ->
             ground = _gt_ground(lg, ref.ts0, len(pair.points0))
         m = eval_point_mask(pair.points0, ground)
         dyn = np.linalg.norm(residual, axis=1) >= 0.05
-        acc.add(compute_example(flow[m], dyn[m], official_gt_flow(gt.flow[m]), gt.category_indices[m],
-                                gt.is_dynamic[m], close_mask(pair.points0[m]), gt.is_valid[m]))
+        rows.append(compute_example(flow[m], dyn[m], official_gt_flow(gt.flow[m]), gt.category_indices[m],
+                                    gt.is_dynamic[m], close_mask(pair.points0[m]), gt.is_valid[m]))
     model.train(was_training)
+    if dist.world > 1:
+        import torch.distributed as td
+        gathered: list[Any] = [None] * dist.world
+        td.all_gather_object(gathered, rows)
+        rows = [r for part in gathered for r in part]
+    acc = ThreeWayAccumulator()
+    for r in rows:
+        acc.add(r)
     if acc.num_examples == 0:
         raise TrainError(f'{Path(data_root) / split}: no pair with ground truth to validate on')
     r = acc.results()
