@@ -188,3 +188,15 @@ def test_pair_in_sensor_frame_of_each_sweep():
     out = prepare_pair(pts, p1, T, PreprocessConfig(ground='geometric'))
     np.testing.assert_array_equal(out.is_ground1, geometric_ground(p1))
     np.testing.assert_allclose(out.pc1, pts[out.mask1], atol=1e-4)
+
+
+def test_geometric_ground_absurd_coordinates_are_never_ground():
+    # Found by the node's fuzz test: finite 1e30 coordinates used to overflow the cell index.
+    from zeroflow_ros.core.ground import geometric_ground
+    rng = np.random.default_rng(3)
+    pts = np.c_[rng.uniform(-20, 20, (2000, 2)), np.full(2000, -1.7)].astype(np.float32)
+    pts[:5] = np.float32(1e30)
+    pts[5:8, 2] = np.float32(-3e38)
+    mask = geometric_ground(pts)
+    assert not mask[:8].any()
+    assert mask[8:].mean() > 0.95

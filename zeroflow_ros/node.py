@@ -81,7 +81,7 @@ PARAMS: tuple[Param, ...] = (
     Param('backend', 'auto', 'inference backend', choices=pl.BACKENDS),
     Param('device', 'auto', 'inference device', choices=pl.DEVICES),
     Param('precision', 'fp32', 'inference precision (fp16: TensorRT / CUDA only)', choices=pl.PRECISIONS),
-    Param('point_range_m', [-51.2, -51.2, -3.0, 51.2, 51.2, 4.0], 'scored box in the sensor frame '
+    Param('point_range_m', [-51.2, -51.2, -3.0, 51.2, 51.2, 3.0], 'scored box in the sensor frame '
           '[x_min, y_min, z_min, x_max, y_max, z_max] (m); the model also ignores points outside its grid'),
     Param('ground_removal', 'geometric', 'ground removal before the model (geometric: map-less, per-cell)',
           choices=pl.GROUND_MODES),

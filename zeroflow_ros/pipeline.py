@@ -57,7 +57,7 @@ class PipelineConfig:
     ego_motion: str = 'lidar'
     ground_removal: str = 'geometric'
     # (x_min, y_min, z_min, x_max, y_max, z_max) in the sensor frame: the points that are scored
-    point_range_m: tuple[float, ...] = (-51.2, -51.2, -3.0, 51.2, 51.2, 4.0)
+    point_range_m: tuple[float, ...] = (-51.2, -51.2, -3.0, 51.2, 51.2, 3.0)
     max_sweep_gap_s: float = 0.35
     dynamic_threshold_mps: float = 0.5
     max_points: int = 200_000

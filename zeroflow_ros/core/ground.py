@@ -121,6 +121,9 @@ def estimate_ground_height(points: np.ndarray, r_min: float = 2.0, r_max: float 
     return float(lo + (first + 0.5) * bin_m)
 
 
+MAX_ABS_COORD_M = 1e5
+
+
 def _diamond_angle(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Monotonic stand-in for the azimuth in [0, 4) (no arctan2: 10x cheaper); 0 = +x, 1 = +y, 2 = -x."""
     s = np.abs(x) + np.abs(y)
@@ -166,7 +169,9 @@ def geometric_ground(points: np.ndarray, cfg: GeometricGroundConfig | None = Non
     if n == 0:
         return out
     xyz = np.ascontiguousarray(pts[:, :3], dtype=np.float32)
-    finite = np.isfinite(xyz).all(axis=1)
+    # Absurd but finite coordinates (a corrupt driver, 1e30) overflow the float32 cell maths; treat
+    # them like NaN: never ground.
+    finite = (np.abs(xyz) < MAX_ABS_COORD_M).all(axis=1)
     if not finite.all():
         out[finite] = geometric_ground(xyz[finite], cfg)
         return out
