@@ -179,6 +179,7 @@ def test_config_and_label_errors(data, tmp_path):
         TrainConfig.from_dict({'amp': 'fp8'})
     with pytest.raises(TrainError, match='lr must be float'):
         TrainConfig.from_dict({'lr': 'fast'})
+    assert TrainConfig.from_dict({'lr': '1e-4'}).lr == 1e-4  # YAML 1.1 reads 1e-4 as a string
     with pytest.raises(TrainError, match='shipped configs'):
         TrainConfig.from_yaml('no_such_config')
     assert TrainConfig.from_yaml('default').model == 'paper'

@@ -125,6 +125,9 @@ class TrainConfig:
             want = {'int': int, 'float': float, 'bool': bool, 'str': str, 'dict': dict}.get(str(f.type))
             if want is float and isinstance(v, int) and not isinstance(v, bool):
                 setattr(cfg, f.name, float(v))
+            elif want is float and isinstance(v, str) and _is_number(v):
+                # YAML 1.1 reads 1e-4 (no dot) as a string
+                setattr(cfg, f.name, float(v))
             elif want is not None and not isinstance(v, want):
                 raise TrainError(f'{where}: {f.name} must be {want.__name__}, got {v!r}')
         cfg.validate()
@@ -141,6 +144,14 @@ class TrainConfig:
         if not isinstance(d, dict):
             raise TrainError(f'{p}: expected a mapping of config keys, got {type(d).__name__}')
         return cls.from_dict(d, where=str(p))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def resolve_config_path(path: str | os.PathLike) -> Path:
