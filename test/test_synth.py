@@ -224,8 +224,9 @@ def test_culled_cast_equals_brute_force_on_a_scene():
     scene = generate_scene(11, 0.2, 100.0)
     P = synth._copy_static(scene.static)
     for agent in scene.agents:
-        x, y, yaw = (v[0] for v in agent.poses(np.array([0.0]), 0.2))
-        synth._agent_primitives(P, agent, x, y, yaw, float(scene.ground.height(np.array(x), np.array(y))))
+        x, y, yaw = (float(v[0]) for v in agent.poses(np.array([0.0]), 0.2))
+        origin = np.array([x, y, float(scene.surface_height(x, y))])
+        synth._agent_primitives(P, agent, synth.agent_rotation(scene, agent, x, y, yaw), origin, yaw)
     T = scene.city_T_ego(np.array([0.0]))[0]
     o = T[:3, :3] @ np.array([1.35, 0, 1.8]) + T[:3, 3]
     rng = np.random.default_rng(3)
@@ -234,8 +235,9 @@ def test_culled_cast_equals_brute_force_on_a_scene():
     res = rc.cast(o, d, scene.ground, P, 100.0, np.random.default_rng(0))
     best = scene.ground.intersect(o, d)
     hits = [best]
-    for c, h, y in zip(P.box_center, P.box_half, P.box_yaw):
-        hits.append(rc._box_hits(o, d, c, h, y))
+    assert any(abs(R[2, 2]) < 1 - 1e-6 for R in P.box_rot)       # tilted vehicles are exercised
+    for c, h, R in zip(P.box_center, P.box_half, P.box_rot):
+        hits.append(rc._box_hits(o, d, c, h, R))
     for c, h, y, off in zip(P.slab_center, P.slab_half, P.slab_yaw, P.slab_offset):
         hits.append(rc._slab_hits(o, d, scene.ground, c, h, y, off))
     for c, r, hh in zip(P.cyl_center, P.cyl_radius, P.cyl_half_h):

@@ -112,6 +112,7 @@ class Primitives:
     box_center: list = field(default_factory=list)     # (3,)
     box_half: list = field(default_factory=list)       # (3,)
     box_yaw: list = field(default_factory=list)
+    box_rot: list = field(default_factory=list)        # (3,3) box -> city; yaw only unless tilted
     slab_center: list = field(default_factory=list)    # (2,) xy
     slab_half: list = field(default_factory=list)      # (2,)
     slab_yaw: list = field(default_factory=list)
@@ -127,10 +128,12 @@ class Primitives:
     _kinds: list = field(default_factory=list)
 
     def add_box(self, center, half, yaw: float, instance: int = -1, reflectivity: float = 0.4,
-                porosity: float = 0.0, ground: bool = False) -> None:
+                porosity: float = 0.0, ground: bool = False, rotation: np.ndarray | None = None) -> None:
+        """Add a box; ``rotation`` (3x3, box -> city) tilts it, ``yaw`` must then be its heading."""
         self.box_center.append(np.asarray(center, float))
         self.box_half.append(np.asarray(half, float))
         self.box_yaw.append(float(yaw))
+        self.box_rot.append(yaw_matrix(yaw) if rotation is None else np.asarray(rotation, float))
         self._meta('box', instance, ground, reflectivity, porosity)
 
     def add_slab(self, center_xy, half_xy, yaw: float, offset: float, instance: int = -1,
@@ -168,6 +171,11 @@ class Primitives:
         refl = np.array([0.15] + [self.reflectivity[i] for i in order], dtype=np.float64)
         por = np.array([0.0] + [self.porosity[i] for i in order], dtype=np.float64)
         return {'instance': inst, 'ground': grd, 'reflectivity': refl, 'porosity': por}
+
+
+def yaw_matrix(yaw: float) -> np.ndarray:
+    c, s = np.cos(yaw), np.sin(yaw)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
 
 
 def _wrap(a: np.ndarray | float) -> np.ndarray | float:
@@ -238,13 +246,12 @@ def _footprint_cull(o: np.ndarray, cxy: np.ndarray, hxy: np.ndarray, yaw: np.nda
     return keep, az_lo, az_hi, el_lo, el_hi
 
 
-def _box_hits(o, d, center, half, yaw):
-    c, s = np.cos(yaw), np.sin(yaw)
-    ro = o - center
-    ox, oy, oz = c * ro[0] + s * ro[1], -s * ro[0] + c * ro[1], ro[2]
-    dx = c * d[:, 0] + s * d[:, 1]
-    dy = -s * d[:, 0] + c * d[:, 1]
-    dz = d[:, 2]
+def _box_hits(o, d, center, half, rot):
+    """Slab test; ``rot`` is the box -> city rotation (3x3) or a yaw angle."""
+    R = yaw_matrix(rot) if np.ndim(rot) == 0 else np.asarray(rot)
+    ox, oy, oz = (o - center) @ R
+    dl = d @ R
+    dx, dy, dz = dl[:, 0], dl[:, 1], dl[:, 2]
     t_near = np.full(len(d), -np.inf)
     t_far = np.full(len(d), np.inf)
     for oc, dc, h in ((ox, dx, half[0]), (oy, dy, half[1]), (oz, dz, half[2])):
@@ -336,12 +343,17 @@ def cast(origin: np.ndarray, dirs: np.ndarray, ground: GroundSurface, prims: Pri
     nb, ns, nc = len(prims.box_center), len(prims.slab_center), len(prims.cyl_center)
     if nb:
         C, H, Y = np.array(prims.box_center), np.array(prims.box_half), np.array(prims.box_yaw)
-        keep, a0, a1, e0, e1 = _footprint_cull(o, C[:, :2], H[:, :2], Y, C[:, 2] - H[:, 2], C[:, 2] + H[:, 2],
+        R = np.array(prims.box_rot)
+        # half extents of each (possibly tilted) box along its heading frame: exact for upright
+        # boxes, a bounding box for tilted ones, so the culling stays conservative
+        tilt = np.einsum('kji,kjl->kil', np.stack([yaw_matrix(y) for y in Y]), R)    # yaw^T R
+        E = np.einsum('kij,kj->ki', np.abs(tilt), H)
+        keep, a0, a1, e0, e1 = _footprint_cull(o, C[:, :2], E[:, :2], Y, C[:, 2] - E[:, 2], C[:, 2] + E[:, 2],
                                                max_range)
         for i in np.flatnonzero(keep):
             idx = rays.candidates(a0[i], a1[i], e0[i], e1[i])
             if len(idx):
-                update(idx, _box_hits(o, dirs[idx], C[i], H[i], Y[i]), 1 + i)
+                update(idx, _box_hits(o, dirs[idx], C[i], H[i], R[i]), 1 + i)
     if ns:
         C, H = np.array(prims.slab_center), np.array(prims.slab_half)
         Y, OFF = np.array(prims.slab_yaw), np.array(prims.slab_offset)

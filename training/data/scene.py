@@ -149,6 +149,11 @@ class Agent:
     tracks: list[Track]
     kind: str
 
+    @property
+    def tilts(self) -> bool:
+        """Vehicles follow the ground's slope; people, two-wheelers and street furniture stay upright."""
+        return self.kind in ('vehicle', 'parked')
+
     def poses(self, times: np.ndarray, horizon: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         s = self.s0 + (self.profile.arc_length(times, horizon) if self.profile else np.zeros(len(times)))
         return self.path.pose(s)

@@ -60,12 +60,12 @@ import numpy as np
 
 from zeroflow_ros.core.geometry import matrix_to_quat
 
-from .raycast import Primitives, SynthError, cast, default_elevations
+from .raycast import Primitives, SynthError, cast, default_elevations, yaw_matrix
 from .scene import Agent, Scene, SceneConfig, generate_scene
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 VAL_SEED_BASE = 1_000_000
 TIMESTAMP_BASE_NS = 315_000_000_000_000_000
 SWEEP_PERIOD_NS = 100_000_000
@@ -278,23 +278,39 @@ def av2_flow_labels(points: np.ndarray, cuboids0, cuboids1, ego1_T_ego0: np.ndar
 
 # --------------------------------------------------------------------------- simulation
 
-def _agent_primitives(P: Primitives, agent: Agent, x: float, y: float, yaw: float, z: float) -> None:
-    c, s = np.cos(yaw), np.sin(yaw)
+def _agent_primitives(P: Primitives, agent: Agent, city_R_agent: np.ndarray, origin: np.ndarray,
+                      yaw: float) -> None:
     for part in agent.parts:
-        cx = x + c * part.center[0] - s * part.center[1]
-        cy = y + s * part.center[0] + c * part.center[1]
-        cz = z + part.center[2]
+        centre = origin + city_R_agent @ part.center
         if part.kind == 'box':
-            P.add_box((cx, cy, cz), part.size, yaw, instance=agent.instance, reflectivity=part.reflectivity,
-                      porosity=part.porosity)
-        else:
-            P.add_cylinder((cx, cy, cz), part.size[0], part.size[1], instance=agent.instance,
+            P.add_box(centre, part.size, yaw, instance=agent.instance, reflectivity=part.reflectivity,
+                      porosity=part.porosity, rotation=city_R_agent)
+        else:       # cylinders stay vertical: only agents without them tilt (see Agent.tilts)
+            P.add_cylinder(centre, part.size[0], part.size[1], instance=agent.instance,
                            reflectivity=part.reflectivity)
+
+
+def agent_rotation(scene: Scene, agent: Agent, x: float, y: float, yaw: float) -> np.ndarray:
+    """Return city_R_agent: heading ``yaw``; vehicles' z along the ground normal (slopes)."""
+    if not agent.tilts:
+        return yaw_matrix(yaw)
+    return _heading_on_ground(scene, x, y, yaw)
+
+
+def _heading_on_ground(scene: Scene, x: float, y: float, yaw: float) -> np.ndarray:
+    gx, gy = scene.ground.gradient(np.array([x]), np.array([y]))
+    n = np.array([-gx[0], -gy[0], 1.0])
+    n /= np.linalg.norm(n)
+    f = np.array([np.cos(yaw), np.sin(yaw), 0.0])
+    ax = f - f.dot(n) * n
+    ax /= np.linalg.norm(ax)
+    return np.stack([ax, np.cross(n, ax), n], axis=1)
 
 
 def _copy_static(static: Primitives) -> Primitives:
     P = Primitives()
-    for name in ('box_center', 'box_half', 'box_yaw', 'slab_center', 'slab_half', 'slab_yaw', 'slab_offset',
+    for name in ('box_center', 'box_half', 'box_yaw', 'box_rot',
+                 'slab_center', 'slab_half', 'slab_yaw', 'slab_offset',
                  'cyl_center', 'cyl_radius', 'cyl_half_h', 'instance', 'ground', 'reflectivity', 'porosity',
                  '_kinds'):
         setattr(P, name, list(getattr(static, name)))
@@ -325,7 +341,7 @@ def simulate_log(seed: int, sweeps: int, lidar: LidarConfig | None = None,
     for k in range(sweeps):
         T = poses[k]
         R = T[:3, :3]
-        origin = R @ sensor + T[:3, 3]
+        sensor_city = R @ sensor + T[:3, 3]
         dirs_c = dirs_e @ R.T
         P = _copy_static(scene.static)
         track_poses = []
@@ -335,20 +351,19 @@ def simulate_log(seed: int, sweeps: int, lidar: LidarConfig | None = None,
                                   np.array([a[1][k] for a in agent_poses]))
         for agent, (ax, ay, ayaw), z in zip(scene.agents, agent_poses, zs):
             x, y, yaw, z = float(ax[k]), float(ay[k]), float(ayaw[k]), float(z)
-            if np.hypot(x - ego_xy[0], y - ego_xy[1]) <= lidar.max_range_m + 15.0:
-                _agent_primitives(P, agent, x, y, yaw, z)
+            near = np.hypot(x - ego_xy[0], y - ego_xy[1]) <= lidar.max_range_m + 15.0
+            if not near:
+                continue        # neither visible nor annotated (tracks lie within a few m of x, y)
+            Ra = agent_rotation(scene, agent, x, y, yaw)
+            agent_origin = np.array([x, y, z])
+            _agent_primitives(P, agent, Ra, agent_origin, yaw)
             for trk in agent.tracks:
-                c, s = np.cos(yaw), np.sin(yaw)
-                cx = x + c * trk.offset[0] - s * trk.offset[1]
-                cy = y + s * trk.offset[0] + c * trk.offset[1]
-                if np.hypot(cx - ego_xy[0], cy - ego_xy[1]) > lidar.max_range_m:
+                centre = agent_origin + Ra @ trk.offset
+                if np.hypot(centre[0] - ego_xy[0], centre[1] - ego_xy[1]) > lidar.max_range_m:
                     continue
-                city_T_obj = np.eye(4)
-                city_T_obj[:3, :3] = [[c, -s, 0], [s, c, 0], [0, 0, 1]]
-                city_T_obj[:3, 3] = [cx, cy, z + trk.offset[2]]
-                track_poses.append((trk, _se3_inverse(T) @ city_T_obj))
+                track_poses.append((trk, _se3_inverse(T) @ _se3(Ra, centre)))
         rng = np.random.default_rng([seed, k, 7])
-        res = cast(origin, dirs_c, scene.ground, P, lidar.max_range_m, rng)
+        res = cast(sensor_city, dirs_c, scene.ground, P, lidar.max_range_m, rng)
         table = P.table()
         hit = res.prim >= 0
         rng_t = res.t
@@ -363,7 +378,7 @@ def simulate_log(seed: int, sweeps: int, lidar: LidarConfig | None = None,
         noisy = rng_t + rng.normal(0.0, lidar.range_noise_m, size=len(rng_t))
         keep = np.flatnonzero(hit & (noisy > 0.5) & (noisy <= lidar.max_range_m))
         r = noisy[keep]
-        pc = origin + r[:, None] * dirs_c[keep]
+        pc = sensor_city + r[:, None] * dirs_c[keep]
         pe = (pc - T[:3, 3]) @ R                     # city -> ego (R orthonormal)
         prim = res.prim[keep]
         falloff = (1.0 - 0.5 * (r / lidar.max_range_m)) * (0.3 + 0.7 * np.sqrt(cos_inc[keep]))
