@@ -324,3 +324,15 @@ def test_nsfp_method_scatters_teacher_output(dataset, tmp_path):
     np.testing.assert_allclose(got[['flow_tx_m', 'flow_ty_m', 'flow_tz_m']].to_numpy()[~prep.mask0],
                                expect[~prep.mask0], atol=1e-5)
     assert len(got) == len(pts)
+
+
+def test_every_predicts_exactly_the_pairs_eval_scores(tmp_path):
+    from zeroflow_ros.eval.evaluate import list_eval_pairs
+    make_av2_log(tmp_path / 'data', n_sweeps=4)
+    make_av2_log(tmp_path / 'data', log_id='00000000-0000-0000-0000-00000000beef', n_sweeps=4, seed=1)
+    _predict(tmp_path / 'data', tmp_path / 'out', 'ego', every=2)
+    written = sorted((p.parent.name, int(p.stem)) for p in (tmp_path / 'out').rglob('*.feather'))
+    expected = sorted((Path(j.log_dir).name, j.ts0) for j in list_eval_pairs(tmp_path / 'data', 'val', 2))
+    assert written == expected and len(written) == 3   # pairs 0, 2, 4 of 6, across both logs
+    with pytest.raises(P.PredictError, match='--every'):
+        _predict(tmp_path / 'data', tmp_path / 'out2', 'ego', every=0)

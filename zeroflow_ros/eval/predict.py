@@ -374,9 +374,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--submission-out', type=Path, help='archive path (default: OUT with .zip suffix)')
     parser.add_argument('--only-masked', action='store_true',
                         help='with --submission, predict only the sweeps the mask archive lists')
+    parser.add_argument('--every', type=int, default=1,
+                        help='predict only every N-th pair of the split, the same pairs '
+                             '`zeroflow eval --every N` scores (e.g. 5, as the AV2 leaderboard does)')
+    parser.add_argument('--nsfp-set', action='append', default=[], metavar='KEY=VALUE',
+                        help='nsfp: override an NSFPConfig field (YAML value), e.g. --nsfp-set '
+                             'fit_points=3072 --nsfp-set fast_max_iters=350 (what `zeroflow label '
+                             '--fit-points/--iters` set)')
     parser.add_argument('--nsfp-faithful', action='store_true',
                         help='nsfp: the original optimisation (5000 iterations, all points)')
     parser.add_argument('--workers', type=int, default=1, help='processes (CPU methods scale, GPU: keep 1)')
+
+
+def _nsfp_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
+    import yaml
+    cfg: dict[str, Any] = {'fast': False} if getattr(args, 'nsfp_faithful', False) else {}
+    for item in getattr(args, 'nsfp_set', []) or []:
+        key, sep, value = item.partition('=')
+        if not sep or not key:
+            raise PredictError(f'--nsfp-set: expected KEY=VALUE, got {item!r}')
+        cfg[key.strip()] = yaml.safe_load(value)
+    return cfg or None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -387,10 +405,19 @@ def run(args: argparse.Namespace) -> int:
         raise PredictError('--only-masked needs --submission MASKS.zip')
     names = mask_names(args.submission) if args.submission is not None else None
     only = {parse_name(n) for n in names} if (names is not None and args.only_masked) else None
+    every = getattr(args, 'every', 1)
+    if every < 1:
+        raise PredictError(f'--every: expected >= 1, got {every}')
+    if every > 1:
+        # The same selection as the evaluator's, so predictions and scores always cover one set.
+        from zeroflow_ros.eval.evaluate import list_eval_pairs
+        pairs = list_eval_pairs(args.data_root, args.split, every)
+        picked = {(Path(j.log_dir).name, int(j.ts0)) for j in pairs}
+        only = picked if only is None else only & picked
     jobs, done = list_jobs(args.data_root, args.split, args.out, only)
     method_kwargs = dict(name=args.method, model=str(args.model), backend=args.backend, device=args.device,
                          preprocess=PreprocessConfig(ground=args.ground),
-                         nsfp_config={'fast': False} if getattr(args, 'nsfp_faithful', False) else None)
+                         nsfp_config=_nsfp_overrides(args))
     print(f'{args.method}: {len(jobs)} sweeps to predict, {done} already in {args.out}')
     run_jobs(jobs, method_kwargs, args.out, args.workers,
              progress=lambda it, total: tqdm(it, total=total, unit='sweep', desc=args.method))
