@@ -186,8 +186,9 @@ def run_demo(sequence: str = 'kitti', out: Path = Path('demo_out'), rate: float 
                      recorded=dict(summary.recorded))
     if summary.flows_out:
         # KITTI cars and the truck are within ~30 m; the synthetic scenes are smaller still.
+        # City traffic: colour saturates at 5 m/s, arrows show a second of motion (10 sweeps).
         rcfg = RenderConfig(range_m=35.0 if sequence == 'kitti' else 30.0, px=render_px,
-                            point_size=1.0 if sequence == 'kitti' else 3.0,
+                            point_size=1.0 if sequence == 'kitti' else 3.0, max_speed=5.0, arrow_scale=10.0,
                             note='' if trained else 'UNTRAINED MODEL (models/default missing): flow is noise')
         pics = render(summary.record, out / 'bev', rcfg, gt_root=gt_root, gif=gif)
         res.pngs, res.gif = pics['pngs'], pics['gif']

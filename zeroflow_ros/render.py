@@ -37,6 +37,7 @@ FLOW_FIELDS = ('flow_x', 'flow_y', 'flow_z')
 AV2_FLOW_COLUMNS = ('flow_tx_m', 'flow_ty_m', 'flow_tz_m')
 BACKGROUND = (0.08, 0.08, 0.10)
 STATIC_VALUE = 0.45  # grey level of static points on the dark background
+DYNAMIC_MIN_SAT = 0.4  # saturation of the slowest dynamic point
 _LABEL_BOX = {'facecolor': BACKGROUND, 'edgecolor': 'none', 'alpha': 0.8, 'pad': 2}
 
 
@@ -92,13 +93,20 @@ class FlowFrame:
 
 # ----------------------------------------------------------------------------------- colours
 
-def flow_colors(flow: np.ndarray, speed: np.ndarray, max_speed: float) -> np.ndarray:
-    """(N,3) RGB: hue = BEV direction of motion on screen, saturation/value = speed / max_speed."""
+def flow_colors(flow: np.ndarray, speed: np.ndarray, max_speed: float,
+                dynamic: np.ndarray | None = None) -> np.ndarray:
+    """(N,3) RGB: hue = BEV direction of motion on screen, saturation/value = speed / max_speed.
+
+    With ``dynamic``, points not dynamic are grey and dynamic ones at least ``DYNAMIC_MIN_SAT``
+    saturated, so a slow mover (0.5-2 m/s, a pedestrian, a braking truck) still stands out.
+    """
     fx, fy = np.asarray(flow, np.float64)[:, 0], np.asarray(flow, np.float64)[:, 1]
     # Screen axes: right = -y, up = +x; hue 0 (red) = moving right on screen, counter-clockwise.
     ang = np.arctan2(fx, -fy)
     hue = np.mod(ang / (2 * np.pi), 1.0)
     s = np.clip(np.asarray(speed, np.float64) / max_speed, 0.0, 1.0)
+    if dynamic is not None:
+        s = np.where(np.asarray(dynamic, bool), DYNAMIC_MIN_SAT + (1.0 - DYNAMIC_MIN_SAT) * s, 0.0)
     v = STATIC_VALUE + (1.0 - STATIC_VALUE) * s
     return _hsv_to_rgb(hue, s, v)
 
@@ -115,7 +123,8 @@ def wheel_image(size: int = 101) -> np.ndarray:
     dx, dy = (xx - c) / c, (c - yy) / c  # screen right, screen up
     r = np.hypot(dx, dy)
     hue = np.mod(np.arctan2(dy, dx) / (2 * np.pi), 1.0)
-    s = np.clip(r, 0, 1)
+    # The grey centre is "static"; moving points start at DYNAMIC_MIN_SAT, as flow_colors draws them.
+    s = np.where(r < 0.1, 0.0, DYNAMIC_MIN_SAT + (1 - DYNAMIC_MIN_SAT) * np.clip(r, 0, 1))
     rgb = _hsv_to_rgb(hue, s, STATIC_VALUE + (1 - STATIC_VALUE) * s)
     alpha = (r <= 1.0).astype(np.float64)
     return np.concatenate([rgb, alpha[..., None]], axis=-1)
@@ -349,7 +358,8 @@ def render_frame(fr: FlowFrame, out_png: Path, cfg: RenderConfig) -> Path:
         shown = fr.valid if fr.valid is not None else np.ones(len(pts), bool)
         speed = np.where(shown, fr.speed, 0.0)
         ax = fig.add_axes((0, 0, 1 / panels, 1))
-        _draw_bev(ax, cfg, pts, flow_colors(fr.flow, speed, cfg.max_speed), _order(speed),
+        colors = flow_colors(fr.flow, speed, cfg.max_speed, fr.is_dynamic & shown)
+        _draw_bev(ax, cfg, pts, colors, _order(np.where(fr.is_dynamic & shown, speed + 1e6, speed)),
                   _arrows(cfg, pts, fr.flow, fr.is_dynamic & shown))
         n_dyn = int(np.count_nonzero(fr.is_dynamic & shown))
         ax.text(0.02, 0.98, f'prediction  {fr.name}\n{len(pts)} points, {n_dyn} dynamic',
@@ -366,7 +376,7 @@ def render_frame(fr: FlowFrame, out_png: Path, cfg: RenderConfig) -> Path:
             gdyn = fr.gt_dynamic if fr.gt_dynamic is not None else gt_speed >= cfg.dynamic_threshold
             gdyn = gdyn & gvalid
             ax2 = fig.add_axes((1 / 3, 0, 1 / 3, 1))
-            _draw_bev(ax2, cfg, pts, flow_colors(fr.gt_flow, gt_speed, cfg.max_speed), _order(gt_speed),
+            _draw_bev(ax2, cfg, pts, flow_colors(fr.gt_flow, gt_speed, cfg.max_speed, gdyn), _order(gt_speed),
                       _arrows(cfg, pts, fr.gt_flow, gdyn))
             ax2.text(0.02, 0.98, f'ground truth\n{int(gdyn.sum())} dynamic', transform=ax2.transAxes,
                      color='white', va='top', fontsize=9, bbox=_LABEL_BOX)
