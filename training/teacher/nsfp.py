@@ -82,11 +82,13 @@ class NSFPConfig:
     min_points: int = 16           # fewer real points than this in either cloud: refuse (NSFPError)
     seed: int = 1234               # NSFP config.py --seed
     # Fast variant only (ignored when fast=False), sized with bench/bench_nsfp.py for the budget of
-    # <= 60 s per 60k-point pair on one CPU core: one iteration at 4096 fit points costs ~0.165
-    # CPU-s there (the two MLPs' forward+backward are ~85 % of it), and with the cosine decay the
-    # cap, not early stopping, usually ends the fit. A GPU affords more: --fit-points 8192 --iters 1000.
-    fit_points: int = 4096         # random subsample of each cloud the MLPs are fitted on
-    fast_max_iters: int = 350      # iteration cap of the fast variant
+    # <= 60 s per 60k-point pair on one CPU core: an iteration at 8192 fit points costs ~0.29 CPU-s
+    # (the two MLPs' forward+backward are ~85 % of it), so 200 iterations at most; early stopping
+    # usually ends sooner. Fewer fit points are cheaper per iteration but sparser: 4096 points
+    # needed more iterations for a worse EPE, and 2048 points of an 8.9k-point cloud scored 58 %
+    # worse than the faithful fit (mostly static background hallucinated as moving).
+    fit_points: int = 8192         # random subsample of each cloud the MLPs are fitted on
+    fast_max_iters: int = 200      # iteration cap of the fast variant (the cosine decay spans it)
     fast_patience: int = 50        # early-stopping patience of the fast variant
     fast_lr_final: float = 0.1     # cosine decay of the lr to this fraction at fast_max_iters
     dt_voxel: float = 0.1          # FastNSF distance-transform grid spacing (m), nn='dt' only
