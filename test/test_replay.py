@@ -114,9 +114,10 @@ def test_replay_cli_rate_1_records_one_flow_per_sweep(ros_domain, assets, capsys
     for p in (f'model:={assets["model"]}', 'backend:=torch', 'device:=cpu', 'warmup_iterations:=1'):
         argv += ['--node-param', p]
     t0 = time.monotonic()
-    assert main(argv) == 0
+    rc = main(argv)
     wall = time.monotonic() - t0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-4000:]
     frames = [line for line in out.splitlines() if line.startswith('sweep ')]
     assert len(frames) == SWEEPS - 1, out
     assert (f'replay: sweeps in {SWEEPS}, flows out {SWEEPS - 1}/{SWEEPS - 1}, dropped 0, frame timeouts 0'
