@@ -23,5 +23,6 @@ def test_flake8():
 
 def test_pep257():
     pytest.importorskip('pydocstyle')
-    res = _run(['pydocstyle', '--convention=pep257', '--add-ignore=' + PEP257_IGNORE, 'zeroflow_ros', 'training'])
+    res = _run(['pydocstyle', '--convention=pep257', '--add-ignore=' + PEP257_IGNORE,
+                'zeroflow_ros', 'training'])
     assert res.returncode == 0, 'pydocstyle found problems:\n' + res.stdout + res.stderr

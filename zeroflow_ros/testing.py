@@ -56,7 +56,7 @@ def configure_ros_env(domain_id: int | None = None) -> int:
 
 @contextlib.contextmanager
 def ros_context(domain_id: int | None = None) -> Iterator[Any]:
-    """A fresh, initialised ``rclpy`` Context on a local-only, per-process domain; shut down on exit."""
+    """Yield a fresh, initialised ``rclpy`` Context on a local-only, per-process domain; shut down on exit."""
     import rclpy
     from rclpy.context import Context
 

@@ -269,7 +269,7 @@ def _finite_mask(xyz: np.ndarray) -> np.ndarray | None:
 
 
 def _buffer_all_finite(buf: np.ndarray, xyz: np.ndarray) -> bool:
-    """True if every float32 word of the whole buffer is finite (then so are x, y, z).
+    """Return True if every float32 word of the whole buffer is finite (then so are x, y, z).
 
     One contiguous SIMD pass beats three strided ones ~2x. Other fields or padding that happen
     to hold a NaN/inf bit pattern only make this say False, and the caller then runs the exact
