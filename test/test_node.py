@@ -209,6 +209,40 @@ def test_sequence_with_odometry_in_process(ros, tiny_model, synth_log):
         probe.destroy_node()
 
 
+def test_sim_time_node_subscribes_to_a_late_publisher_before_any_clock(ros, tiny_model):
+    """A replayer waits for our subscription before it sends /clock: nothing may wait on sim time."""
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.parameter import Parameter
+    from sensor_msgs.msg import PointCloud2
+
+    from zeroflow_ros.node import ZeroFlowNode
+    from zeroflow_ros.testing import wait_for
+
+    params = [Parameter('use_sim_time', value=True), Parameter('model', value=str(tiny_model)),
+              Parameter('backend', value='torch'), Parameter('device', value='cpu'),
+              Parameter('ego_motion', value='none'), Parameter('warmup_iterations', value=0),
+              Parameter('diagnostics_period_s', value=0.2)]
+    node = ZeroFlowNode('zf_simtime', context=ros, parameter_overrides=params)
+    probe = rclpy.create_node('zf_simtime_probe', context=ros)
+    ex = SingleThreadedExecutor(context=ros)
+    ex.add_node(node)
+    ex.add_node(probe)
+    spin = threading.Thread(target=ex.spin, daemon=True)
+    spin.start()
+    try:
+        assert node.reliability is None            # no publisher yet: not subscribed
+        pub = probe.create_publisher(PointCloud2, '/zf_simtime/input/pointcloud', 1)
+        assert wait_for(lambda: pub.get_subscription_count() >= 1, 15), \
+            'node never subscribed: its QoS poll must not run on the (stopped) sim clock'
+        assert node.reliability == 'reliable'
+    finally:
+        ex.shutdown()
+        spin.join(5)
+        node.destroy_node()
+        probe.destroy_node()
+
+
 def _odom(T, stamp_ns):
     from nav_msgs.msg import Odometry
 

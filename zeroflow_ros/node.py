@@ -36,6 +36,7 @@ import numpy as np
 import rclpy
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType,
                                 SetParametersResult)
+from rclpy.clock import Clock, ClockType
 from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
@@ -245,8 +246,11 @@ class ZeroFlowNode(Node):
         self._sub = None
         self.reliability: str | None = None  # in use; None until subscribed
         self._waiting_logged = False
+        # House-keeping timers run on the steady clock: with use_sim_time the ROS clock stands still
+        # until /clock arrives, and a replayer waits for our subscription before it sends /clock.
+        steady = Clock(clock_type=ClockType.STEADY_TIME)
         if v['input_reliability'] == 'auto':
-            self._qos_timer = self.create_timer(0.5, self._ensure_subscription)
+            self._qos_timer = self.create_timer(0.5, self._ensure_subscription, clock=steady)
             self._ensure_subscription()
         else:
             self._subscribe(v['input_reliability'])
@@ -256,7 +260,8 @@ class ZeroFlowNode(Node):
                 _msgs().Odometry, v['odometry_topic'], self._on_odometry,
                 QoSProfile(depth=50, reliability=ReliabilityPolicy.BEST_EFFORT,
                            history=HistoryPolicy.KEEP_LAST, durability=DurabilityPolicy.VOLATILE))
-        self._diag_timer = self.create_timer(v['diagnostics_period_s'], self._publish_diagnostics)
+        self._diag_timer = self.create_timer(v['diagnostics_period_s'], self._publish_diagnostics,
+                                             clock=steady)
         self._worker = threading.Thread(target=self._work, name='zeroflow_worker', daemon=True)
         self._worker.start()
 
