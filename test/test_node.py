@@ -24,25 +24,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from zeroflow_ros.testing import make_tiny_model
+
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / 'config' / 'fastdds_large_data.xml'
-
-
-def make_tiny_model(path: Path) -> Path:
-    """Randomly initialised FastFlow3D, small enough for CPU tests."""
-    import torch
-
-    from zeroflow_ros.model import build_model, get_config, save_checkpoint
-    torch.manual_seed(0)
-    cfg = get_config('cpu_small', pillar_size=0.8, embed_channels=8, stage_channels=(8, 16),
-                     stage_blocks=(1, 1), head_hidden=8)
-    model = build_model(cfg)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return save_checkpoint(path, model)
 
 
 def offline_flow(backend, p0, p1, ego1_T_ego0, ground='geometric'):

@@ -15,19 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from zeroflow_ros.testing import make_tiny_model
+
 ROOT = Path(__file__).resolve().parents[1]
 N_FUZZ = 1000
 MAX_GAP_S = 0.35
-
-
-def make_tiny_model(path: Path) -> Path:
-    import torch
-
-    from zeroflow_ros.model import build_model, get_config, save_checkpoint
-    torch.manual_seed(0)
-    cfg = get_config('cpu_small', pillar_size=0.8, embed_channels=8, stage_channels=(8, 16),
-                     stage_blocks=(1, 1), head_hidden=8)
-    return save_checkpoint(path, build_model(cfg))
 
 
 # PointField datatypes -> numpy

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from zeroflow_ros.testing import make_tiny_model
 from scipy.spatial.transform import Rotation, Slerp
 
 from zeroflow_ros.core import geometry, preprocess
@@ -20,24 +22,6 @@ from zeroflow_ros.visualization import arrow_segments, speed_colors
 
 ROOT = Path(__file__).resolve().parents[1]
 KITTI = ROOT / 'data' / 'samples' / 'kitti_raw_sfnd_seq' / 'velodyne_points' / 'data'
-
-
-def make_tiny_model(path: Path) -> Path:
-    """A randomly initialised FastFlow3D small enough for CPU tests (output still depends on both sweeps)."""
-    import torch
-
-    from zeroflow_ros.model import build_model, get_config, save_checkpoint
-    torch.manual_seed(0)
-    cfg = get_config('cpu_small', pillar_size=0.8, embed_channels=8, stage_channels=(8, 16),
-                     stage_blocks=(1, 1), head_hidden=8)
-    model = build_model(cfg)
-    # Non-trivial BN statistics so eval-mode output is not a near-constant.
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return save_checkpoint(path, model)
 
 
 @pytest.fixture(scope='module')

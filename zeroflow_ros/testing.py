@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 __all__ = ['unique_domain_id', 'configure_ros_env', 'ros_context', 'wait_for', 'wait_for_matched',
@@ -126,3 +127,21 @@ def spin_until(node_or_executor: Any, predicate: Callable[[], Any], timeout: flo
             owned.remove_node(node_or_executor)
             owned.shutdown()
     return True
+
+
+def make_tiny_model(path: Path) -> Path:
+    """A randomly initialised FastFlow3D small enough for CPU tests (output still depends on both sweeps)."""
+    import torch
+
+    from zeroflow_ros.model import build_model, get_config, save_checkpoint
+    torch.manual_seed(0)
+    cfg = get_config('cpu_small', pillar_size=0.8, embed_channels=8, stage_channels=(8, 16),
+                     stage_blocks=(1, 1), head_hidden=8)
+    model = build_model(cfg)
+    # Non-trivial BN statistics so eval-mode output is not a near-constant.
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return save_checkpoint(path, model)

@@ -59,6 +59,8 @@ from typing import Iterable
 import numpy as np
 
 from zeroflow_ros.core.geometry import matrix_to_quat
+from zeroflow_ros.data.av2 import (  # noqa: F401  (re-exported)
+    BOUNDING_BOX_EXPANSION, CATEGORY_TO_INDEX, SCENE_FLOW_DYNAMIC_THRESHOLD)
 
 from .raycast import Primitives, SynthError, cast, default_elevations, yaw_matrix
 from .scene import Agent, Scene, SceneConfig, generate_scene
@@ -72,18 +74,7 @@ SWEEP_PERIOD_NS = 100_000_000
 CITY = 'SYN'
 RASTER_RES_M = 0.3
 
-# av2.torch.structures.flow
-BOUNDING_BOX_EXPANSION = 0.2
-# av2.evaluation.scene_flow.constants
-SCENE_FLOW_DYNAMIC_THRESHOLD = 0.05
-CATEGORY_TO_INDEX: dict[str, int] = {k: i for i, k in enumerate((
-    'NONE', 'ANIMAL', 'ARTICULATED_BUS', 'BICYCLE', 'BICYCLIST', 'BOLLARD', 'BOX_TRUCK', 'BUS',
-    'CONSTRUCTION_BARREL', 'CONSTRUCTION_CONE', 'DOG', 'LARGE_VEHICLE', 'MESSAGE_BOARD_TRAILER',
-    'MOBILE_PEDESTRIAN_CROSSING_SIGN', 'MOTORCYCLE', 'MOTORCYCLIST', 'OFFICIAL_SIGNALER', 'PEDESTRIAN',
-    'RAILED_VEHICLE', 'REGULAR_VEHICLE', 'SCHOOL_BUS', 'SIGN', 'STOP_SIGN', 'STROLLER',
-    'TRAFFIC_LIGHT_TRAILER', 'TRUCK', 'TRUCK_CAB', 'VEHICULAR_TRAILER', 'WHEELCHAIR', 'WHEELED_DEVICE',
-    'WHEELED_RIDER'))}
-
+# The av2 labelling constants live in one place, shared with the reader (checked against av2 in tests).
 ANNOTATION_COLUMNS = ('timestamp_ns', 'track_uuid', 'category', 'length_m', 'width_m', 'height_m',
                       'qw', 'qx', 'qy', 'qz', 'tx_m', 'ty_m', 'tz_m', 'num_interior_pts')
 
