@@ -130,7 +130,7 @@ def spin_until(node_or_executor: Any, predicate: Callable[[], Any], timeout: flo
 
 
 def make_tiny_model(path: Path) -> Path:
-    """A randomly initialised FastFlow3D small enough for CPU tests (output still depends on both sweeps)."""
+    """Save a randomly initialised FastFlow3D small enough for CPU tests (output depends on both sweeps)."""
     import torch
 
     from zeroflow_ros.model import build_model, get_config, save_checkpoint
