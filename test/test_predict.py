@@ -336,3 +336,12 @@ def test_every_predicts_exactly_the_pairs_eval_scores(tmp_path):
     assert written == expected and len(written) == 3   # pairs 0, 2, 4 of 6, across both logs
     with pytest.raises(P.PredictError, match='--every'):
         _predict(tmp_path / 'data', tmp_path / 'out2', 'ego', every=0)
+
+
+def test_nsfp_set_rejects_unknown_fields_and_parses_values():
+    ns = argparse.Namespace(nsfp_faithful=False, nsfp_set=['fit_points=3072', 'fast_max_iters=350'])
+    assert P._nsfp_overrides(ns) == {'fit_points': 3072, 'fast_max_iters': 350}
+    with pytest.raises(P.PredictError, match=r"unknown NSFPConfig field\(s\) \['fitpoints'\]"):
+        P._nsfp_overrides(argparse.Namespace(nsfp_faithful=False, nsfp_set=['fitpoints=1']))
+    with pytest.raises(P.PredictError, match='KEY=VALUE'):
+        P._nsfp_overrides(argparse.Namespace(nsfp_faithful=False, nsfp_set=['fit_points']))

@@ -394,6 +394,14 @@ def _nsfp_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
         if not sep or not key:
             raise PredictError(f'--nsfp-set: expected KEY=VALUE, got {item!r}')
         cfg[key.strip()] = yaml.safe_load(value)
+    if cfg:
+        import dataclasses
+
+        from zeroflow_training.teacher.nsfp import NSFPConfig
+        valid = {f.name for f in dataclasses.fields(NSFPConfig)}
+        unknown = sorted(set(cfg) - valid)
+        if unknown:
+            raise PredictError(f'--nsfp-set: unknown NSFPConfig field(s) {unknown}; valid: {sorted(valid)}')
     return cfg or None
 
 
