@@ -114,7 +114,8 @@ def _train_losses(run: Path) -> list[tuple[int, str]]:
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(data, tmp_path):
     root, labels = data
-    cfg = _cfg(epochs=2)  # 3 pairs, batch 1: 3 steps per epoch; stops at 2 (mid-epoch) and 4
+    # 3 pairs, batch 1: 3 steps per epoch; stops at 2 (mid-epoch) and 4 (after the warm-up loss ends)
+    cfg = _cfg(epochs=2, warmup_loss='zeroflow_speed_scaled_sq', warmup_loss_epochs=1)
     a = train(cfg, root, labels, tmp_path / 'a', val_split=None, max_steps=4, progress=False)
     assert a['stopped'] == 'max_steps' and a['step'] == 4
     b1 = train(cfg, root, labels, tmp_path / 'b', val_split=None, max_steps=2, progress=False)
@@ -130,6 +131,12 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(data, tmp_path):
     assert sa['step'] == sb['step'] == 4 and sa['epoch'] == sb['epoch'] == 1
     for k, v in sa['state_dict'].items():
         assert torch.equal(v, sb['state_dict'][k]), k
+    # the warm-up loss really ran: same weights and batch at step 1, same EPE, a different loss
+    plain = train(_cfg(epochs=1), root, labels, tmp_path / 'p', val_split=None, max_steps=1, progress=False)
+    assert plain['step'] == 1
+    first_a = next(csv.DictReader(open(tmp_path / 'a' / 'metrics.csv')))
+    first_p = next(csv.DictReader(open(tmp_path / 'p' / 'metrics.csv')))
+    assert first_a['epe'] == first_p['epe'] and first_a['loss'] != first_p['loss']
     wider = _cfg(epochs=2, model_overrides={**TINY, 'head_hidden': 32})
     with pytest.raises(TrainError, match='differs from the config'):
         train(wider, root, labels, tmp_path / 'b', resume=True, val_split=None, max_steps=5, progress=False)
@@ -175,6 +182,10 @@ def test_config_and_label_errors(data, tmp_path):
         TrainConfig.from_dict({'lrr': 1})
     with pytest.raises(TrainError, match=r"unknown 'big'; valid: \['cpu_small', 'paper'\]"):
         TrainConfig.from_dict({'model': 'big'})
+    with pytest.raises(TrainError, match="warmup_loss: unknown 'l3'"):
+        TrainConfig.from_dict({'warmup_loss': 'l3', 'warmup_loss_epochs': 1})
+    with pytest.raises(TrainError, match='set warmup_loss too'):
+        TrainConfig.from_dict({'warmup_loss_epochs': 2})
     with pytest.raises(TrainError, match="amp: 'fp8'"):
         TrainConfig.from_dict({'amp': 'fp8'})
     with pytest.raises(TrainError, match='lr must be float'):

@@ -75,11 +75,14 @@ def _check(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None,
 class DistillationLoss:
     """Speed-weighted end-point error to the pseudo-labels (ZeroFlow); ``speed_scaling=False``: plain EPE."""
 
-    def __init__(self, speed_scaling: bool = True, frame_rate_hz: float = FRAME_RATE_HZ):
+    def __init__(self, speed_scaling: bool = True, frame_rate_hz: float = FRAME_RATE_HZ, error: str = 'norm'):
         if not frame_rate_hz > 0:
             raise LossError(f'frame_rate_hz: must be > 0, got {frame_rate_hz}')
+        if error not in ERRORS:
+            raise LossError(f'error: unknown {error!r}; valid: {sorted(ERRORS)}')
         self.speed_scaling = bool(speed_scaling)
         self.frame_rate_hz = float(frame_rate_hz)
+        self.error = error
 
     def __call__(self, pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None,
                  batch_index: torch.Tensor | None = None, batch_size: int = 1) -> LossOutput:
@@ -87,13 +90,14 @@ class DistillationLoss:
         _check(pred, target, valid, batch_index)
         target = target.to(torch.float32)
         err = torch.linalg.vector_norm(pred.float() - target, dim=-1)
+        per = ERRORS[self.error](err)
         w = speed_weight(target, self.frame_rate_hz) if self.speed_scaling else torch.ones_like(err)
         keep = torch.ones_like(err, dtype=torch.bool) if valid is None else valid
         if batch_index is None:
             batch_index = torch.zeros_like(err, dtype=torch.long)
         keepf = keep.to(err.dtype)
         # where() rather than indexing keeps the graph shape static (cheap under DDP/compile)
-        per_point = torch.where(keep, err * w, torch.zeros_like(err))
+        per_point = torch.where(keep, per * w, torch.zeros_like(err))
         zeros = torch.zeros(batch_size, device=err.device, dtype=err.dtype)
         sums = zeros.scatter_add(0, batch_index, per_point)
         counts = zeros.scatter_add(0, batch_index, keepf)
@@ -109,9 +113,16 @@ class DistillationLoss:
         return LossOutput(loss, logs)
 
 
+ERRORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    'norm': lambda e: e,
+    'squared': lambda e: e * e,
+}
+
+
 # Explicit registry: unknown names raise and list the valid ones.
 LOSSES: dict[str, Callable[..., Any]] = {
     'zeroflow_speed_scaled': lambda **kw: DistillationLoss(speed_scaling=True, **kw),
+    'zeroflow_speed_scaled_sq': lambda **kw: DistillationLoss(speed_scaling=True, error='squared', **kw),
     'epe': lambda **kw: DistillationLoss(speed_scaling=False, **kw),
 }
 

@@ -52,6 +52,10 @@ class TrainConfig:
     model: str = 'cpu_small'                 # registered FastFlow3D config (zeroflow_ros.model.MODEL_CONFIGS)
     model_overrides: dict = field(default_factory=dict)
     loss: str = 'zeroflow_speed_scaled'      # zeroflow_training.losses.LOSSES
+    # Loss of the first ``warmup_loss_epochs`` epochs ('' = none). See configs/cpu_small.yaml for why a
+    # squared-error warm-up: the paper's norm loss alone can stall at "movers have zero flow".
+    warmup_loss: str = ''
+    warmup_loss_epochs: int = 0
     frame_rate_hz: float = 10.0              # converts m/frame to m/s for the speed weight
     lr: float = 2e-6
     weight_decay: float = 0.0
@@ -80,6 +84,12 @@ class TrainConfig:
             raise TrainError(f'config model_overrides: {exc}') from None
         if self.loss not in LOSSES:
             raise TrainError(f'config loss: unknown {self.loss!r}; valid: {sorted(LOSSES)}')
+        if self.warmup_loss and self.warmup_loss not in LOSSES:
+            raise TrainError(f'config warmup_loss: unknown {self.warmup_loss!r}; valid: {sorted(LOSSES)} '
+                             "or '' for none")
+        if int(self.warmup_loss_epochs) and not self.warmup_loss:
+            raise TrainError(f'config warmup_loss_epochs: {self.warmup_loss_epochs} epochs of which loss? '
+                             'set warmup_loss too')
         if self.amp not in AMP_MODES:
             raise TrainError(f'config amp: {self.amp!r} is not one of {AMP_MODES}')
         if self.scheduler not in SCHEDULERS:
@@ -87,7 +97,7 @@ class TrainConfig:
         for name in ('epochs', 'batch_size', 'val_every'):
             if int(getattr(self, name)) < 1:
                 raise TrainError(f'config {name}: must be >= 1, got {getattr(self, name)}')
-        for name in ('num_workers', 'warmup_steps', 'val_max_pairs'):
+        for name in ('num_workers', 'warmup_steps', 'val_max_pairs', 'warmup_loss_epochs'):
             if int(getattr(self, name)) < 0:
                 raise TrainError(f'config {name}: must be >= 0, got {getattr(self, name)}')
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -408,7 +418,8 @@ def train(cfg: TrainConfig, data_root: Path, labels: Path | None, run_dir: Path,
     if dist.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[dev.index] if dev.type == 'cuda' else None)
-    loss_fn = get_loss(cfg.loss, frame_rate_hz=cfg.frame_rate_hz)
+    main_loss = get_loss(cfg.loss, frame_rate_hz=cfg.frame_rate_hz)
+    warm_loss = get_loss(cfg.warmup_loss, frame_rate_hz=cfg.frame_rate_hz) if cfg.warmup_loss else main_loss
     metrics = MetricsWriter(run_dir, dist.main)
     collate_fn = Collate(model_cfg.grid.num_pillars)
     pin = dev.type == 'cuda'
@@ -437,6 +448,8 @@ def train(cfg: TrainConfig, data_root: Path, labels: Path | None, run_dir: Path,
         start_epoch = step // steps_per_epoch
         for epoch in range(start_epoch, cfg.epochs):
             train_set.set_epoch(epoch)
+            # chosen by epoch number alone, so a resumed run switches at the same step
+            loss_fn = warm_loss if epoch < cfg.warmup_loss_epochs else main_loss
             order = epoch_order(len(train_set), cfg.seed, epoch, dist)
             start = step - epoch * steps_per_epoch
             it = batches(train_set, order, cfg.batch_size, start, cfg.num_workers, pin, collate_fn)
