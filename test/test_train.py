@@ -255,3 +255,24 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(data, tmp_path):
     res = train(cfg, root, labels, run, resume=True, val_split=None, max_steps=ck['step'] + 1, progress=False)
     assert res['step'] == ck['step'] + 1
     assert [s for s, _ in _train_losses(run)] == list(range(1, ck['step'] + 2))
+
+
+def test_dataset_applies_the_label_refinement(data):
+    from zeroflow_training.refine import RefineConfig
+    root, labels = data
+    cfg = get_config('cpu_small', **TINY)
+    raw = PairDataset(root, 'train', labels, cfg)
+    ref = PairDataset(root, 'train', labels, cfg, refine=RefineConfig())
+    for i in range(len(raw)):
+        a, b = raw.load(i), ref.load(i)
+        np.testing.assert_array_equal(a['pc0'], b['pc0'])
+        np.testing.assert_array_equal(a['valid'], b['valid'])
+        speed = np.linalg.norm(b['target'], axis=1)
+        # below 0.05 m/frame exactly zero; every moving cluster carries one flow (its median)
+        assert np.all(b['target'][speed < 0.05] == 0)
+        moving = b['target'][speed > 0]
+        assert len(np.unique(moving, axis=0)) < max(1, len(np.unique(a['target'], axis=0)) // 10)
+        # the simulator's labels are exact, so the refinement moves movers by little
+        dyn = np.linalg.norm(a['target'], axis=1) > 0.1
+        if dyn.any():
+            assert np.median(np.linalg.norm(a['target'][dyn] - b['target'][dyn], axis=1)) < 0.05

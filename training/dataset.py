@@ -29,6 +29,7 @@ from zeroflow_ros.core.geometry import av2_to_residual
 from zeroflow_ros.core.preprocess import PreprocessConfig, prepare_pair
 from zeroflow_ros.core.voxelize import as_grid, pillarize
 from zeroflow_ros.data.av2 import AV2Log, DataError, list_logs, read_feather
+from zeroflow_training.refine import RefineConfig, refine_labels
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ class PairDataset:
 
     def __init__(self, data_root: Path, split: str, labels_root: Path | None, model_cfg: Any,
                  preprocess: PreprocessConfig | None = None, augment: AugmentConfig | None = None,
-                 seed: int = 0, pairs: list[PairRef] | None = None):
+                 seed: int = 0, pairs: list[PairRef] | None = None, refine: RefineConfig | None = None):
         self.data_root = Path(data_root)
         self.split = split
         self.labels_root = None if labels_root is None else Path(labels_root)
@@ -139,6 +140,7 @@ class PairDataset:
         self.preprocess = preprocess or PreprocessConfig()
         self.augment = augment or AugmentConfig(yaw=False, flip=False)
         self.seed = int(seed)
+        self.refine = refine
         self.epoch = 0
         self.pairs = pairs if pairs is not None else list_pairs(self.data_root, split, self.labels_root)
         self._logs: dict[str, AV2Log] = {}
@@ -175,6 +177,10 @@ class PairDataset:
         pc0, pc1 = prep.pc0.astype(np.float64), prep.pc1.astype(np.float64)
         target = av2_to_residual(prep.pc0, flow_av2[prep.mask0], pair.ego1_T_ego0).astype(np.float64)
         valid0 = valid[prep.mask0]
+        if self.refine is not None:
+            # before augmentation: the clusters and the speed threshold live in the ego frame
+            target = refine_labels(prep.pc0, target, valid0 & np.isfinite(target).all(axis=1),
+                                   self.refine).astype(np.float64)
         if self.augment.enabled:
             rng = np.random.default_rng([self.seed, int(epoch), int(i)])
             yaw = rng.uniform(-np.pi, np.pi) if self.augment.yaw else 0.0

@@ -56,6 +56,8 @@ class TrainConfig:
     # squared-error warm-up: the paper's norm loss alone can stall at "movers have zero flow".
     warmup_loss: str = ''
     warmup_loss_epochs: int = 0
+    # zeroflow_training.refine.RefineConfig keys ({} = train on the raw teacher labels, as ZeroFlow)
+    label_refine: dict = field(default_factory=dict)
     frame_rate_hz: float = 10.0              # converts m/frame to m/s for the speed weight
     lr: float = 2e-6
     weight_decay: float = 0.0
@@ -105,6 +107,14 @@ class TrainConfig:
         if not self.frame_rate_hz > 0:
             raise TrainError(f'config frame_rate_hz: must be > 0, got {self.frame_rate_hz}')
         self.preprocess_config()
+        self.refine_config()
+
+    def refine_config(self):
+        from zeroflow_training.refine import RefineConfig, RefineError
+        try:
+            return RefineConfig.from_dict(self.label_refine)
+        except (RefineError, TypeError, ValueError) as exc:
+            raise TrainError(f'config label_refine: {exc}') from None
 
     def preprocess_config(self):
         from zeroflow_ros.core.preprocess import PreprocessConfig, PreprocessError
@@ -367,7 +377,8 @@ def train(cfg: TrainConfig, data_root: Path, labels: Path | None, run_dir: Path,
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     train_set = PairDataset(data_root, train_split, labels, model_cfg, pre_cfg,
-                            AugmentConfig(cfg.augment_yaw, cfg.augment_flip), seed=cfg.seed)
+                            AugmentConfig(cfg.augment_yaw, cfg.augment_flip), seed=cfg.seed,
+                            refine=cfg.refine_config() if labels is not None else None)
     val_ok = val_split is not None and (Path(data_root) / val_split).is_dir()
     if val_split and not val_ok and dist.main:
         log.warning('no validation split %s: training without validation', Path(data_root) / val_split)
