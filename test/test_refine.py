@@ -1,4 +1,4 @@
-"""Rigid-cluster refinement of teacher labels: hand-built scenes with known answers, and its use in training."""
+"""Rigid-cluster refinement of teacher labels: hand-built scenes with known answers, use in training."""
 from __future__ import annotations
 
 import numpy as np
@@ -100,7 +100,8 @@ def test_config_and_input_errors():
         RefineConfig(max_extent_m=-1)
     with pytest.raises(RefineError, match=r'expected points \(N,3\), flow \(N,3\), valid \(N,\)'):
         refine_labels(np.zeros((4, 3)), np.zeros((3, 3)), np.ones(4, bool), RefineConfig())
-    assert refine_labels(np.zeros((0, 3)), np.zeros((0, 3)), np.zeros(0, bool), RefineConfig()).shape == (0, 3)
+    empty = np.zeros((0, 3))
+    assert refine_labels(empty, empty, np.zeros(0, bool), RefineConfig()).shape == (0, 3)
     from zeroflow_training.train import TrainConfig, TrainError
     with pytest.raises(TrainError, match=r"label_refine: .*unknown keys \['speed'\]"):
         TrainConfig.from_dict({'label_refine': {'speed': 1}})
