@@ -276,3 +276,31 @@ def test_dataset_applies_the_label_refinement(data):
         dyn = np.linalg.norm(a['target'], axis=1) > 0.1
         if dyn.any():
             assert np.median(np.linalg.norm(a['target'][dyn] - b['target'][dyn], axis=1)) < 0.05
+
+
+def test_init_from_a_checkpoint_starts_from_its_weights(data, tmp_path):
+    root, labels = data
+    a = train(_cfg(epochs=1), root, labels, tmp_path / 'a', val_split=None, progress=False)
+    assert a['step'] == 3
+    src = read_checkpoint(tmp_path / 'a' / 'model.pt')['state_dict']
+    # a step at a negligible lr leaves every learned weight where the checkpoint had it
+    b = train(_cfg(epochs=1, lr=1e-12, init_from=str(tmp_path / 'a' / 'model.pt')), root, labels,
+              tmp_path / 'b', val_split=None, max_steps=1, progress=False)
+    assert b['step'] == 1
+    got = read_checkpoint(tmp_path / 'b' / 'model.pt')['state_dict']
+    fresh = train(_cfg(epochs=1, lr=1e-12), root, labels, tmp_path / 'c', val_split=None, max_steps=1,
+                  progress=False)
+    assert fresh['step'] == 1
+    other = read_checkpoint(tmp_path / 'c' / 'model.pt')['state_dict']
+    weights = [k for k in src if k.endswith('weight') and src[k].ndim > 1]
+    assert weights
+    for k in weights:
+        torch.testing.assert_close(got[k], src[k], rtol=0, atol=1e-9)
+    assert any(not torch.allclose(other[k], src[k]) for k in weights)
+    wider = _cfg(epochs=1, model_overrides={**TINY, 'head_hidden': 32},
+                 init_from=str(tmp_path / 'a' / 'model.pt'))
+    with pytest.raises(TrainError, match='init_from: .* holds model .* but this run trains'):
+        train(wider, root, labels, tmp_path / 'd', val_split=None, progress=False)
+    with pytest.raises(TrainError, match='init_from: .*checkpoint not found'):
+        train(_cfg(init_from=str(tmp_path / 'nope.pt')), root, labels, tmp_path / 'e', val_split=None,
+              progress=False)

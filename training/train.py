@@ -56,6 +56,9 @@ class TrainConfig:
     # squared-error warm-up: the paper's norm loss alone can stall at "movers have zero flow".
     warmup_loss: str = ''
     warmup_loss_epochs: int = 0
+    # checkpoint whose weights start the run (fine-tuning, e.g. the shipped model on your own drives);
+    # '' = random initialisation. The optimiser, schedule and step count start fresh.
+    init_from: str = ''
     # zeroflow_training.refine.RefineConfig keys ({} = train on the raw teacher labels, as ZeroFlow)
     label_refine: dict = field(default_factory=dict)
     frame_rate_hz: float = 10.0              # converts m/frame to m/s for the speed weight
@@ -348,6 +351,20 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _init_weights(model, model_cfg, path: str) -> str:
+    """Load the weights of checkpoint ``path`` into ``model`` (same architecture required)."""
+    from zeroflow_ros.model import FastFlow3DConfig, ModelError, read_checkpoint
+    try:
+        ck = read_checkpoint(path, map_location='cpu')
+    except ModelError as exc:
+        raise TrainError(f'config init_from: {exc}') from None
+    if FastFlow3DConfig.from_dict(ck['model_config']) != model_cfg:
+        raise TrainError(f'config init_from: {path} holds model {ck["model_config"]}, but this run trains '
+                         f'{model_cfg.to_dict()}; choose the same model config (or --set model=...)')
+    model.load_state_dict(ck['state_dict'])
+    return f'initialised from {path} (epoch {ck.get("epoch")}, step {ck.get("step")})'
+
+
 def train(cfg: TrainConfig, data_root: Path, labels: Path | None, run_dir: Path, resume: bool = False,
           device: str = 'auto', val_split: str | None = 'val', train_split: str = 'train',
           max_steps: int = 0, progress: bool = True) -> dict[str, Any]:
@@ -405,6 +422,7 @@ def train(cfg: TrainConfig, data_root: Path, labels: Path | None, run_dir: Path,
                              f'({run_dir / "config.yaml"})')
         model.load_state_dict(ck['state_dict'])
         opt.load_state_dict(ck['optimizer'])
+        init_note = None
         sched.load_state_dict(ck['scheduler'])
         if ck.get('scaler'):
             scaler.load_state_dict(ck['scaler'])
@@ -421,10 +439,14 @@ def train(cfg: TrainConfig, data_root: Path, labels: Path | None, run_dir: Path,
             torch.set_rng_state(rs['torch'])
         if dist.main:
             log.info('resumed %s at epoch %d, step %d', last, step // steps_per_epoch, step)
-    elif dist.main:
+    else:
+        init_note = _init_weights(model, model_cfg, cfg.init_from) if cfg.init_from else None
+    if not resume and dist.main:
         import yaml
         (run_dir / 'config.yaml').write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
+    if init_note and dist.main:
+        log.info('%s', init_note)
     net: torch.nn.Module = BatchedFastFlow3D(model)
     if dist.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -665,6 +687,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='YAML config file or a shipped name (default, cpu_small); default: cpu_small')
     parser.add_argument('--out', default=None, help='run folder (default: runs/<config name>)')
     parser.add_argument('--resume', action='store_true', help='continue the run in --out from last.pt')
+    parser.add_argument('--init', default=None, metavar='CKPT',
+                        help='start from the weights of this checkpoint (fine-tuning; same model config), '
+                        'e.g. models/default/model.pt')
     parser.add_argument('--device', default='auto', help='auto (cuda if available), cpu, cuda, cuda:N')
     parser.add_argument('--train-split', default='train', help='split folder to train on (default: train)')
     parser.add_argument('--val-split', default='val',
@@ -691,6 +716,8 @@ def _apply_overrides(cfg: TrainConfig, sets: list[str]) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     try:
         cfg = _apply_overrides(TrainConfig.from_yaml(args.config), args.set)
+        if args.init:
+            cfg = dataclasses.replace(cfg, init_from=str(args.init))
         cfg_name = resolve_config_path(args.config).stem
         out = Path(args.out) if args.out else Path('runs') / cfg_name
         labels = None if args.labels == 'gt' else Path(args.labels)
