@@ -414,6 +414,7 @@ def train(cfg: TrainConfig, data_root: Path, labels: Path | None, run_dir: Path,
 
     step = 0
     best = math.inf
+    init_note = None
     if resume:
         ck = read_checkpoint(last, map_location='cpu')
         if FastFlow3DConfig.from_dict(ck['model_config']) != model_cfg:  # (the description may differ)
@@ -422,7 +423,6 @@ def train(cfg: TrainConfig, data_root: Path, labels: Path | None, run_dir: Path,
                              f'({run_dir / "config.yaml"})')
         model.load_state_dict(ck['state_dict'])
         opt.load_state_dict(ck['optimizer'])
-        init_note = None
         sched.load_state_dict(ck['scheduler'])
         if ck.get('scaler'):
             scaler.load_state_dict(ck['scaler'])
@@ -439,8 +439,8 @@ def train(cfg: TrainConfig, data_root: Path, labels: Path | None, run_dir: Path,
             torch.set_rng_state(rs['torch'])
         if dist.main:
             log.info('resumed %s at epoch %d, step %d', last, step // steps_per_epoch, step)
-    else:
-        init_note = _init_weights(model, model_cfg, cfg.init_from) if cfg.init_from else None
+    elif cfg.init_from:
+        init_note = _init_weights(model, model_cfg, cfg.init_from)
     if not resume and dist.main:
         import yaml
         (run_dir / 'config.yaml').write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
