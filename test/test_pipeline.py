@@ -184,6 +184,56 @@ def test_no_ego_motion_feeds_raw_clouds(backend):
     assert np.array_equal(rec.calls[0][0], a[inside(a)]) and np.array_equal(rec.calls[0][1], b[inside(b)])
 
 
+class BaseFrameRule:
+    """A backend whose answer depends on the frame: 0.1 m along base x for points above 1 m base z."""
+
+    def __init__(self):
+        self.calls: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def infer(self, p0, p1):
+        self.calls.append((p0.copy(), p1.copy()))
+        flow = np.where((p0[:, 2] > 1.0)[:, None], np.float32([0.1, 0.0, 0.0]), np.float32(0.0))
+        return flow.astype(np.float32), np.ones(len(p0), bool)
+
+    def describe(self):
+        return {'backend': 'rule'}
+
+
+def test_model_sees_clouds_in_the_base_frame_and_flow_comes_back_in_the_cloud_frame():
+    # lidar 1.73 m above base_link, turned 90 deg left: base = Rz(90) sensor + (0, 0, 1.73)
+    rule = BaseFrameRule()
+    cfg = PipelineConfig(ego_motion='none', ground_removal='none', sensor_in_base_xyz=(0, 0, 1.73),
+                         sensor_in_base_rpy=(0, 0, np.pi / 2))
+    pipe = Pipeline(cfg, backend=rule)
+    a, b = kitti(2, 5000), kitti(3, 5000)
+    pipe.step(a, 0)
+    frame = pipe.step(b, 100_000_000)
+    inside = preprocess.PreprocessConfig(ground='none').in_range
+    a_in, b_in = a[inside(a)], b[inside(b)]
+    R = np.array([[0, -1, 0], [1, 0, 0], [0, 0, 1.0]])
+    np.testing.assert_allclose(rule.calls[0][0], a_in @ R.T + [0, 0, 1.73], atol=1e-5)
+    np.testing.assert_allclose(rule.calls[0][1], b_in @ R.T + [0, 0, 1.73], atol=1e-5)
+    # base +x is sensor -y; the rule's "above 1 m in base" is "above -0.73 m" in the sensor frame
+    up = inside(a) & (a[:, 2] > -0.73 + 1e-4)
+    low = inside(a) & (a[:, 2] < -0.73 - 1e-4)
+    assert up.sum() > 100 and low.sum() > 100
+    np.testing.assert_allclose(frame.flow[up], np.tile([0.0, -0.1, 0.0], (up.sum(), 1)), atol=1e-6)
+    assert np.all(frame.flow[low] == 0)
+    # identity extrinsics: the clouds go to the model untouched (no per-sweep transform)
+    rule2 = BaseFrameRule()
+    pipe2 = Pipeline(PipelineConfig(ego_motion='none', ground_removal='none'), backend=rule2)
+    pipe2.step(a, 0)
+    pipe2.step(b, 100_000_000)
+    assert np.array_equal(rule2.calls[0][0], a_in)
+    with pytest.raises(PipelineError, match='sensor_in_base_xyz.*expected 3 finite numbers'):
+        PipelineConfig(sensor_in_base_xyz=(0, 0))
+    # the extrinsic matrix is the ROS convention (fixed-axis roll, pitch, yaw), checked with scipy
+    T = PipelineConfig(sensor_in_base_xyz=(1, 2, 3), sensor_in_base_rpy=(0.1, -0.2, 0.3)).base_T_sensor
+    ref = Rotation.from_euler('xyz', [0.1, -0.2, 0.3]).as_matrix()
+    np.testing.assert_allclose(T[:3, :3], ref, atol=1e-12)
+    np.testing.assert_allclose(T[:3, 3], [1, 2, 3])
+
+
 # ---------------------------------------------------------------------------- pairing and bad input
 
 def test_resets_gap_backwards_frame_change(backend):

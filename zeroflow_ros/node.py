@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
-import math
 import os
 import threading
 import time
@@ -88,10 +87,11 @@ PARAMS: tuple[Param, ...] = (
           choices=pl.GROUND_MODES),
     Param('ego_motion', 'lidar', 'ego motion source: odometry topic, built-in lidar odometry (KISS-ICP), '
           'or none (static sensor)', choices=pl.EGO_MOTION_SOURCES),
-    Param('sensor_in_base_xyz', [0.0, 0.0, 0.0], 'cloud frame origin in the odometry child frame (m), '
-          'ego_motion=odometry'),
-    Param('sensor_in_base_rpy', [0.0, 0.0, 0.0], 'cloud frame orientation in the odometry child frame '
-          '(roll, pitch, yaw rad), ego_motion=odometry'),
+    Param('sensor_in_base_xyz', [0.0, 0.0, 0.0], 'cloud frame origin in the vehicle base frame (m; base_link '
+          'on the ground under the rear axle, as AV2/Autoware). The model sees clouds in that frame, '
+          'as in training (e.g. [0, 0, 1.73] for a lidar 1.73 m up); odometry poses are of it'),
+    Param('sensor_in_base_rpy', [0.0, 0.0, 0.0], 'cloud frame orientation in the vehicle base frame '
+          '(roll, pitch, yaw rad); see sensor_in_base_xyz'),
     Param('odometry_wait_s', 0.05, 'how long to wait for odometry covering a cloud stamp', range=(0.0, 2.0)),
     Param('max_sweep_gap_s', 0.35, 'a larger gap between sweeps (or a jump backwards) starts a new pair',
           range=(0.01, 10.0)),
@@ -140,15 +140,6 @@ def _descriptor(p: Param) -> ParameterDescriptor:
               float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING,
               list: ParameterType.PARAMETER_DOUBLE_ARRAY}[type(p.default)]
     return d
-
-
-def _rpy_matrix(roll: float, pitch: float, yaw: float) -> np.ndarray:
-    cr, sr, cp, sp, cy, sy = (math.cos(roll), math.sin(roll), math.cos(pitch), math.sin(pitch),
-                              math.cos(yaw), math.sin(yaw))
-    rz = np.array([[cy, -sy, 0], [sy, cy, 0], [0, 0, 1.0]])
-    ry = np.array([[cp, 0, sp], [0, 1.0, 0], [-sp, 0, cp]])
-    rx = np.array([[1.0, 0, 0], [0, cr, -sr], [0, sr, cr]])
-    return rz @ ry @ rx
 
 
 def _stamp_ns(stamp: Any) -> int:
@@ -222,10 +213,7 @@ class ZeroFlowNode(Node):
         self._busy = False     # the worker holds a message
         self._idle = False     # the last message was skipped: nobody subscribes
 
-        base_T_sensor = np.eye(4)
-        base_T_sensor[:3, :3] = _rpy_matrix(*v['sensor_in_base_rpy'])
-        base_T_sensor[:3, 3] = v['sensor_in_base_xyz']
-        self.poses = pl.PoseBuffer(base_T_sensor=base_T_sensor)
+        self.poses = pl.PoseBuffer(base_T_sensor=self.config.base_T_sensor)
 
         # Reliable depth 1 by default; a deployment may change it from YAML
         # (qos_overrides./<node>/output/flow.publisher.{reliability,depth,history}).

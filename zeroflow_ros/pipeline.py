@@ -61,6 +61,10 @@ class PipelineConfig:
     max_sweep_gap_s: float = 0.35
     dynamic_threshold_mps: float = 0.5
     max_points: int = 200_000
+    # The cloud frame in the vehicle base frame. The model gets both clouds in the base frame (the
+    # frame it was trained in: ground at z ~ 0) and its flow is rotated back into the cloud frame.
+    sensor_in_base_xyz: tuple[float, ...] = (0.0, 0.0, 0.0)
+    sensor_in_base_rpy: tuple[float, ...] = (0.0, 0.0, 0.0)
 
     def __post_init__(self) -> None:
         for name, allowed in (('ego_motion', EGO_MOTION_SOURCES), ('ground_removal', GROUND_MODES),
@@ -69,6 +73,12 @@ class PipelineConfig:
             if value not in allowed:
                 raise PipelineError('config', f'PipelineConfig.{name}={value!r}; expected one of {allowed}')
         object.__setattr__(self, 'point_range_m', tuple(float(v) for v in self.point_range_m))
+        for name in ('sensor_in_base_xyz', 'sensor_in_base_rpy'):
+            v = tuple(float(x) for x in getattr(self, name))
+            if len(v) != 3 or not all(math.isfinite(x) for x in v):
+                raise PipelineError('config', f'PipelineConfig.{name}={getattr(self, name)!r}; '
+                                    'expected 3 finite numbers')
+            object.__setattr__(self, name, v)
         r = self.point_range_m
         checks = (
             ('point_range_m', len(r) == 6 and r[0] < r[3] and r[1] < r[4] and r[2] < r[5],
@@ -81,6 +91,10 @@ class PipelineConfig:
             if not ok:
                 raise PipelineError('config',
                                     f'PipelineConfig.{name}={getattr(self, name)!r}; expected {expected}')
+
+    @property
+    def base_T_sensor(self) -> np.ndarray:
+        return geometry.make_transform(geometry.rpy_matrix(*self.sensor_in_base_rpy), self.sensor_in_base_xyz)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> 'PipelineConfig':
@@ -253,6 +267,10 @@ class Pipeline:
             backend = create_backend(resolve_model_path(config.model), backend=config.backend,
                                      device=config.device, precision=config.precision)
         self.backend = backend
+        T = config.base_T_sensor
+        # None: the cloud frame is the base frame, no per-sweep work
+        self._to_base = None if np.allclose(T, np.eye(4)) else (T[:3, :3].astype(np.float32),
+                                                                T[:3, 3].astype(np.float32))
         self._preprocess_cfg = make_preprocess_config(config)
         # Ground masks are passed in per sweep; 'auto' uses them (same result as 'geometric'/'none').
         self._pair_cfg = dataclasses.replace(self._preprocess_cfg, ground='auto')
@@ -314,8 +332,14 @@ class Pipeline:
         if len(pc0) == 0 or len(pc1) == 0:
             residual = np.zeros((len(pc0), 3), np.float32)
             valid_k = np.zeros(len(pc0), bool)
-        else:
+        elif self._to_base is None:
             residual, valid_k = self.backend.infer(pc0, pc1)
+        else:
+            # both clouds are in sensor0 coordinates: one rigid map takes them to base0, which leaves
+            # residual flow a free vector that only rotates
+            R, t = self._to_base
+            residual, valid_k = self.backend.infer(pc0 @ R.T + t, pc1 @ R.T + t)
+            residual = np.asarray(residual, np.float32) @ R
         t_inf = time.perf_counter()
 
         n = len(prev.points)

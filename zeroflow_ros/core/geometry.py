@@ -75,6 +75,16 @@ def make_transform(R: np.ndarray, t) -> np.ndarray:
     return T
 
 
+def rpy_matrix(roll: float, pitch: float, yaw: float) -> np.ndarray:
+    """Rotation ``Rz(yaw) Ry(pitch) Rx(roll)`` (fixed-axis roll, pitch, yaw, as ROS/tf2)."""
+    cr, sr, cp, sp = np.cos(roll), np.sin(roll), np.cos(pitch), np.sin(pitch)
+    cy, sy = np.cos(yaw), np.sin(yaw)
+    rz = np.array([[cy, -sy, 0], [sy, cy, 0], [0, 0, 1.0]])
+    ry = np.array([[cp, 0, sp], [0, 1.0, 0], [-sp, 0, cp]])
+    rx = np.array([[1.0, 0, 0], [0, cr, -sr], [0, sr, cr]])
+    return rz @ ry @ rx
+
+
 def yaw_transform(yaw: float, t=(0.0, 0.0, 0.0)) -> np.ndarray:
     c, s = np.cos(yaw), np.sin(yaw)
     return make_transform(np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]]), t)
