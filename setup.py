@@ -50,6 +50,10 @@ setup(
         'matplotlib>=3.7',
         'tqdm>=4.60',
         'kiss-icp>=1.0',
+        # clustering for the rigid-object teacher and label refinement
+        'scikit-learn>=1.3',
+        # maintained PCD reader (replaces the hand-written LZF decoder)
+        'pypcd4>=1.1',
         'setuptools',
     ],
     extras_require={
@@ -74,6 +78,7 @@ setup(
             'pytest-benchmark',
             'flake8>=6',
             'pydocstyle>=6',
+            'import-linter>=2.0',
             'ray>=2.9',
             # official Argoverse 2 API, used as the independent reference in tests.
             'av2==0.3.6',
