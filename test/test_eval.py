@@ -250,6 +250,84 @@ def test_bucketed_hand_values():
     assert len(edges) == 52 and edges[1] == pytest.approx(0.04) and edges[-2] == 2.0 and np.isinf(edges[-1])
 
 
+# --- Foreground/Dynamic EPE per ground-truth speed bucket ----------------------------------------
+
+def _yaw(a: float) -> np.ndarray:
+    return np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
+
+
+def test_speed_buckets_hand_built_pair(tmp_path):
+    """Own speeds and errors chosen per point, ego turning and driving, dt = 0.2 s (not the usual 0.1).
+
+    FG dynamic: 1.0, 1.9 & 0.3 m/s (err 0.1, 0.3, 0.05) -> 0-2: 0.15 (3); 3 m/s (err 0.4) -> 2-5:
+    0.4 (1); 7 & 9 m/s (0.25, 0.75) -> 5-10: 0.5 (2); 15 m/s (1.0) -> 10-20: 1.0 (1); 25 & 40 m/s
+    (0.5, 1.5) -> 20+: 1.0 (2). Left out: background mover, FG static, invalid, outside the mask.
+    The 0.3 m/s pedestrian has ~6 m/s AV2 flow (the ego's): it lands in 0-2 only if ego motion is
+    removed; with dt taken as 0.1 s instead of the pair's 0.2 s, 1.9 m/s would read 3.8 (2-5).
+    """
+    from zeroflow_ros.eval.evaluate import EvalPair, PredictionSource, score_pair
+    dt = 0.2
+    speed = np.array([1.0, 1.9, 3.0, 7.0, 9.0, 15.0, 25.0, 40.0, 12.0, 0.0, 8.0, 8.0, 0.3])
+    err_norm = np.array([0.1, 0.3, 0.4, 0.25, 0.75, 1.0, 0.5, 1.5, 9.0, 0.0, 9.0, 9.0, 0.05])
+    cats = np.array([19, 19, 17, 19, 25, 19, 19, 7, 0, 19, 19, 19, 17])
+    dyn = np.array([1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1], bool)
+    valid = np.array([1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1], bool)
+    in_mask = np.array([1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 1], bool)
+    n = len(speed)
+    rng = np.random.default_rng(3)
+    pts = np.c_[rng.uniform(-30, 30, (n, 2)), rng.uniform(-1, 2, n)].astype(np.float32)
+    heading = rng.uniform(-np.pi, np.pi, n)
+    own = (speed * dt)[:, None] * np.c_[np.cos(heading), np.sin(heading), np.zeros(n)]
+    R, t = _yaw(0.04), np.array([-1.2, 0.1, 0.02])          # ego1_T_ego0: 6 m/s forward, turning
+    T = np.eye(4)
+    T[:3, :3], T[:3, 3] = R, t
+    p64 = pts.astype(np.float64)
+    gt = (((p64 + own) @ R.T + t) - p64).astype(np.float32)  # AV2 flow: q - p in ego0 coordinates
+    err_dir = rng.normal(size=(n, 3))
+    err = err_dir / np.linalg.norm(err_dir, axis=1, keepdims=True) * err_norm[:, None]
+    pred = gt.astype(np.float16).astype(np.float64) + err  # errors against the GT as av2 scores it
+    write_pred(tmp_path / 'pred', 'log', 5, pred, dyn)
+    pair = EvalPair('log', 5, pts, T, gt, valid, dyn, cats.astype(np.uint8), in_mask, dt_s=dt)
+    sc = score_pair(pair, PredictionSource(tmp_path / 'pred'))
+    got = {label: (epe, count) for label, epe, count in sc.speeds.rows()}
+    assert list(got) == ['0-2', '2-5', '5-10', '10-20', '20+']
+    expected = {'0-2': (0.15, 3), '2-5': (0.4, 1), '5-10': (0.5, 2), '10-20': (1.0, 1), '20+': (1.0, 2)}
+    for label, (epe, count) in expected.items():
+        assert got[label][1] == count, label
+        assert got[label][0] == pytest.approx(epe, abs=1e-5), label   # float32 prediction file
+    # Same points and EPE as the official Foreground/Dynamic subset: the count-weighted mean agrees.
+    acc = M.ThreeWayAccumulator()
+    acc.add(sc.rows)
+    fg_dyn = acc.results()['EPE/Foreground/Dynamic']
+    mean = sum(e * c for e, c in expected.values()) / sum(c for _, c in expected.values())
+    assert fg_dyn == pytest.approx(mean, abs=1e-5)
+    d = sc.speeds.to_dict()['buckets']
+    assert [b['count'] for b in d] == [3, 1, 2, 1, 2] and d[-1]['hi_mps'] is None and d[1]['lo_mps'] == 2.0
+
+
+def test_speed_buckets_edges_and_empty():
+    """Buckets are [lo, hi): 2.0 m/s opens 2-5 and 20.0 opens 20+; an empty bucket is NaN / None."""
+    from zeroflow_ros.eval.bucketed import SpeedBucketEPE
+    acc = SpeedBucketEPE()
+    speed = np.array([0.0, 1.999, 2.0, 20.0, 19.999])
+    gt = np.zeros((5, 3))
+    pred = np.c_[np.array([0.1, 0.2, 0.3, 0.4, 0.5]), np.zeros((5, 2))]
+    acc.add(pred, gt, speed, np.full(5, 19), np.ones(5, bool))
+    rows = acc.rows()
+    assert [r[2] for r in rows] == [2, 1, 0, 1, 1]
+    assert rows[0][1] == pytest.approx(0.15) and rows[1][1] == pytest.approx(0.3)
+    assert math.isnan(rows[2][1]) and acc.to_dict()['buckets'][2]['epe'] is None
+    assert rows[3][1] == pytest.approx(0.5) and rows[4][1] == pytest.approx(0.4)
+    other = SpeedBucketEPE()
+    other.add(pred[:1] * 3, gt[:1], speed[:1], np.array([19]), np.array([True]))
+    acc.merge(other)
+    assert acc.rows()[0][2] == 3 and acc.rows()[0][1] == pytest.approx((0.1 + 0.2 + 0.3) / 3)
+    with pytest.raises(M.MetricsError, match=r'speed_mps: expected shape \(5,\)'):
+        acc.add(pred, gt, speed[:4], np.full(5, 19), np.ones(5, bool))
+    with pytest.raises(M.MetricsError, match='cannot merge'):
+        acc.merge(SpeedBucketEPE((0.0, 1.0, float('inf'))))
+
+
 # --- end to end: predict -> eval against av2's evaluation on the same ground truth --------------
 
 def _hand_ground(log_dir: Path, ts: int, pts: np.ndarray) -> np.ndarray:
@@ -367,6 +445,11 @@ def test_end_to_end_known_values(synth):
     assert per['BACKGROUND'][0] == pytest.approx(0.0, abs=1e-5)
     assert per['CAR'][0] == pytest.approx(0.0, abs=1e-5)             # parked car, static bucket
     assert math.isnan(per['PEDESTRIAN'][1])
+    # The moving car (12.4 m/s over dt 0.1 s) is all of FG dynamic: one bucket, 10-20, EPE = the miss.
+    by_speed = {label: (epe, count) for label, epe, count in res.speed_buckets.rows()}
+    assert by_speed['10-20'][0] == pytest.approx(res.threeway['EPE/Foreground/Dynamic'], rel=1e-9)
+    assert by_speed['10-20'][1] > 0
+    assert all(c == 0 for label, (_, c) in by_speed.items() if label != '10-20')
     nn = evaluate(synth / 'nn', synth / 'data', 'val')
     assert nn.threeway['EPE/Background/Static'] < 1e-3   # same samples in both sweeps
     assert nn.threeway['Dynamic IoU'] > 0.5
@@ -381,6 +464,10 @@ def test_cli_writes_table_json_png(synth, capsys):
     assert 'EPE 3-Way Average' in text and 'WHEELED_VRU' in text
     d = json.loads((out / 'metrics.json').read_text())
     assert d['num_pairs'] == 3 and d['threeway']['EPE 3-Way Average'] is not None
+    assert 'Foreground/Dynamic EPE per ground-truth speed' in text and '10-20' in text
+    buckets = d['fg_dynamic_by_speed']['buckets']
+    assert [b['bucket_mps'] for b in buckets] == ['0-2', '2-5', '5-10', '10-20', '20+']
+    assert sum(b['count'] for b in buckets) > 0
     png = (out / 'bucketed_epe.png').read_bytes()
     assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 10_000
 

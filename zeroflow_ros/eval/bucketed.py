@@ -25,6 +25,10 @@ Khatri, Vedder, Peri, Ramanan, Hays, "I Can't Believe It's Not Scene Flow!", ECC
 
 The reference evaluates the points of its ground-truth flow files (valid, non-ground); we apply the
 same evaluation mask as the three-way metric (valid, non-ground, ``|x|, |y| <= 50 m``).
+
+Also here (not part of the challenge): :class:`SpeedBucketEPE`, the official three-way metric's
+Foreground/Dynamic EPE broken down by ground-truth speed in m/s (0-2, 2-5, 5-10, 10-20, 20+), so that
+errors on fast traffic are visible on their own instead of averaged with slow movers.
 """
 from __future__ import annotations
 
@@ -32,7 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from zeroflow_ros.eval.metrics import CATEGORY_TO_INDEX, MetricsError
+from zeroflow_ros.eval.metrics import (CATEGORY_TO_INDEX, FOREGROUND_BACKGROUND_BREAKDOWN, MetricsError,
+                                       end_point_error)
 
 BACKGROUND = ['BACKGROUND']
 CAR = ['REGULAR_VEHICLE']
@@ -56,6 +61,13 @@ REPORTED_DISTANCE = 35.0
 def speed_bucket_edges(max_speed: float = BUCKET_MAX_SPEED, num_buckets: int = NUM_BUCKETS) -> np.ndarray:
     """Edges of the speed buckets (len = buckets + 1), the last bucket open to inf."""
     return np.concatenate([np.linspace(0.0, max_speed, num_buckets), [np.inf]])
+
+
+def bucket_index(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Bucket of each value for half-open buckets ``[edges[i], edges[i+1])``; below/above clip to the ends."""
+    # searchsorted 'right' puts a value equal to an edge into the bucket starting at that edge.
+    idx = np.searchsorted(edges, values, side='right') - 1
+    return np.clip(idx, 0, len(edges) - 2)
 
 
 def _index_to_meta() -> np.ndarray:
@@ -150,9 +162,7 @@ class BucketedAccumulator:
         epe = np.linalg.norm(pred - gt, axis=1)
         speed = np.linalg.norm(gt, axis=1)
         meta = self._lut[cats]
-        # searchsorted 'right' puts speed == edge into the bucket starting at that edge ([lo, hi)).
-        bucket = np.searchsorted(self.edges, speed, side='right') - 1
-        bucket = np.clip(bucket, 0, len(self.edges) - 2)
+        bucket = bucket_index(speed, self.edges)
         cheb = np.max(np.abs(np.asarray(points, dtype=np.float64)[:, :2]), axis=1) if n else np.zeros(0)
         for di, d in enumerate(self.distances):
             sel = (meta >= 0) & (cheb < d)
@@ -182,3 +192,78 @@ class BucketedAccumulator:
             epe = np.where(cnt > 0, self._epe[di] / np.maximum(cnt, 1), np.nan)
             speed = np.where(cnt > 0, self._speed[di] / np.maximum(cnt, 1), np.nan)
         return BucketedResult(list(self.classes), self.edges.copy(), epe, speed, cnt.copy())
+
+
+# --- Foreground/Dynamic EPE per ground-truth speed bucket ------------------------------------------
+
+SPEED_BUCKET_EDGES_MPS = (0.0, 2.0, 5.0, 10.0, 20.0, float('inf'))
+_FOREGROUND = np.array(FOREGROUND_BACKGROUND_BREAKDOWN['Foreground'])
+
+
+def _bucket_label(lo: float, hi: float) -> str:
+    return f'{lo:g}+' if not np.isfinite(hi) else f'{lo:g}-{hi:g}'
+
+
+class SpeedBucketEPE:
+    """Foreground/Dynamic EPE per ground-truth speed bucket (m/s), summed over examples.
+
+    The subset is exactly the three-way metric's Foreground/Dynamic: a foreground category (any of
+    av2's 30 annotation categories) and ground-truth ``is_dynamic``. A point's speed is its own
+    motion: the norm of the ground-truth flow with ego motion removed (residual flow), divided by
+    the pair's time step in seconds. The EPE is the three-way metric's (AV2-convention flow, against
+    the same ground truth it scores), so the count-weighted mean over the buckets equals
+    ``EPE/Foreground/Dynamic``. Buckets are half-open ``[lo, hi)``; the last is open to inf.
+    """
+
+    def __init__(self, edges_mps: tuple[float, ...] = SPEED_BUCKET_EDGES_MPS) -> None:
+        self.edges = np.asarray(edges_mps, dtype=np.float64)
+        if len(self.edges) < 2 or self.edges[0] != 0.0 or np.any(np.diff(self.edges) <= 0):
+            raise MetricsError(f'speed bucket edges: expected increasing from 0, got {tuple(edges_mps)}')
+        self._sum = np.zeros(len(self.edges) - 1)
+        self._count = np.zeros(len(self.edges) - 1, dtype=np.int64)
+
+    def add(self, pred_flow: np.ndarray, gt_flow: np.ndarray, speed_mps: np.ndarray,
+            category_indices: np.ndarray, is_dynamic: np.ndarray) -> None:
+        """Add the evaluated points of one example (already masked to valid, scored points)."""
+        n = len(gt_flow)
+        for name, arr, shape in (('pred_flow', pred_flow, (n, 3)), ('gt_flow', gt_flow, (n, 3)),
+                                 ('speed_mps', speed_mps, (n,)), ('category_indices', category_indices, (n,)),
+                                 ('is_dynamic', is_dynamic, (n,))):
+            if np.shape(arr) != shape:
+                raise MetricsError(f'{name}: expected shape {shape}, got {np.shape(arr)}')
+        sel = np.isin(np.asarray(category_indices).astype(np.int64), _FOREGROUND)
+        sel &= np.asarray(is_dynamic, dtype=bool)
+        speed = np.asarray(speed_mps, dtype=np.float64)[sel]
+        if not np.isfinite(speed).all():
+            raise MetricsError('speed_mps: non-finite values on foreground dynamic points')
+        epe = end_point_error(np.asarray(pred_flow, np.float64)[sel], np.asarray(gt_flow, np.float64)[sel])
+        bucket = bucket_index(speed, self.edges)
+        size = len(self._sum)
+        self._sum += np.bincount(bucket, weights=epe, minlength=size)
+        self._count += np.bincount(bucket, minlength=size)
+
+    def merge(self, other: 'SpeedBucketEPE') -> None:
+        """Add another accumulator's sums (same edges), e.g. from a worker process."""
+        if not np.array_equal(self.edges, other.edges):
+            raise MetricsError(f'cannot merge speed buckets {other.edges} into {self.edges}')
+        self._sum += other._sum
+        self._count += other._count
+
+    def rows(self) -> list[tuple[str, float, int]]:
+        """(label, mean EPE or NaN when empty, point count) per bucket, slowest first."""
+        out = []
+        for i, (lo, hi) in enumerate(zip(self.edges[:-1], self.edges[1:])):
+            c = int(self._count[i])
+            out.append((_bucket_label(lo, hi), float(self._sum[i] / c) if c else float('nan'), c))
+        return out
+
+    def to_dict(self) -> dict:
+        def clean(v: float):
+            return None if not np.isfinite(v) else float(v)
+        return {
+            'subset': 'Foreground/Dynamic',
+            'speed': 'norm of ground-truth flow minus ego motion, divided by the pair time step (m/s)',
+            'buckets': [{'bucket_mps': label, 'lo_mps': float(lo), 'hi_mps': clean(hi), 'epe': clean(e),
+                         'count': c}
+                        for (label, e, c), lo, hi in zip(self.rows(), self.edges[:-1], self.edges[1:])],
+        }

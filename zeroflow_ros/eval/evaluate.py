@@ -17,7 +17,11 @@ Per pair, as the official pipeline (``make_mask_files`` + ``make_annotation_file
   annotation files store it (three-way metrics only; the bucketed metric uses it unrounded, as the
   reference's own flow files do);
 * metrics: :mod:`zeroflow_ros.eval.metrics` (three-way EPE, accuracies, angle error, dynamic IoU) and
-  :mod:`zeroflow_ros.eval.bucketed` (bucket-normalised EPE of the AV2 2024 challenge).
+  :mod:`zeroflow_ros.eval.bucketed` (bucket-normalised EPE of the AV2 2024 challenge), and the
+  Foreground/Dynamic EPE per ground-truth speed bucket 0-2, 2-5, 5-10, 10-20, 20+ m/s
+  (:class:`~zeroflow_ros.eval.bucketed.SpeedBucketEPE`: same points and EPE as the three-way
+  Foreground/Dynamic, the speed is the point's own motion, GT flow minus ego motion, over the pair's
+  time step), with point counts, under ``fg_dynamic_by_speed`` in ``metrics.json``.
 
 Writes a table to stdout, ``metrics.json`` and ``bucketed_epe.png`` to ``--out``.
 """
@@ -36,7 +40,7 @@ from typing import Iterator
 import numpy as np
 
 from zeroflow_ros.core.geometry import av2_to_residual
-from zeroflow_ros.eval.bucketed import BucketedAccumulator, BucketedResult
+from zeroflow_ros.eval.bucketed import BucketedAccumulator, BucketedResult, SpeedBucketEPE
 from zeroflow_ros.eval.masks import mask_names, parse_name, read_mask
 from zeroflow_ros.eval.metrics import (FLOW_METRICS, ExampleRows, MetricsError, ThreeWayAccumulator,
                                        close_mask, compute_example, eval_point_mask, official_gt_flow)
@@ -62,6 +66,7 @@ class EvalPair:
     is_dynamic: np.ndarray
     category_indices: np.ndarray
     eval_mask: np.ndarray     # (N,) bool
+    dt_s: float               # time from sweep t to sweep t+1
 
 
 class PredictionSource:
@@ -225,8 +230,10 @@ def load_eval_pair(job: PairJob, mask: np.ndarray | None = None) -> EvalPair:
         mask = eval_point_mask(points0, ground_for_eval(lg, points0, t0))
     elif mask.shape != (n,):
         raise EvalError(f'mask {lg.log_id}/{t0}.feather: {len(mask)} rows, the lidar sweep has {n} points')
+    if t1 <= t0:
+        raise EvalError(f'{lg.log_dir}: sweep pair {t0} -> {t1}: expected increasing timestamps (ns)')
     return EvalPair(lg.log_id, t0, points0, lg.ego1_T_ego0(t0, t1), gt.flow, gt.is_valid,
-                    gt.is_dynamic, gt.category_indices, mask)
+                    gt.is_dynamic, gt.category_indices, mask, dt_s=(t1 - t0) * 1e-9)
 
 
 def iter_eval_pairs(data_root: Path, split: str, every: int = 1) -> Iterator[EvalPair]:
@@ -242,6 +249,7 @@ class EvalResult:
     bucketed_all_ranges: BucketedResult
     num_pairs: int
     num_points: int
+    speed_buckets: SpeedBucketEPE
 
     def to_dict(self) -> dict:
         def clean(v: float):
@@ -252,6 +260,7 @@ class EvalResult:
             'threeway': {k: clean(v) for k, v in self.threeway.items()},
             'bucketed': self.bucketed.to_dict(),
             'bucketed_all_ranges': self.bucketed_all_ranges.to_dict(),
+            'fg_dynamic_by_speed': self.speed_buckets.to_dict(),
         }
 
 
@@ -259,26 +268,31 @@ class EvalResult:
 class PairScore:
     rows: ExampleRows
     buckets: BucketedAccumulator
+    speeds: SpeedBucketEPE
     points: int
 
 
 def score_pair(p: EvalPair, src: PredictionSource) -> PairScore:
-    """Three-way rows and bucketed sums of one pair (its prediction read and checked first)."""
+    """Three-way rows, bucketed and per-speed sums of one pair (its prediction read and checked first)."""
     where = src.where(p.log_id, p.ts0)
     flow, dyn = parse_prediction(src.read(p.log_id, p.ts0), where, len(p.points0), p.eval_mask,
                                  np.isfinite(p.points0).all(axis=1))
     m = p.eval_mask
     buck = BucketedAccumulator()
+    speeds = SpeedBucketEPE()
     try:
         rows = compute_example(flow[m], dyn[m], official_gt_flow(p.gt_flow[m]), p.category_indices[m],
                                p.is_dynamic[m], close_mask(p.points0[m]), p.is_valid[m])
         sel = m & p.is_valid
         pts = p.points0[sel]
-        buck.add(pts, av2_to_residual(pts, flow[sel], p.ego1_T_ego0),
-                 av2_to_residual(pts, p.gt_flow[sel], p.ego1_T_ego0), p.category_indices[sel])
+        gt_residual = av2_to_residual(pts, p.gt_flow[sel], p.ego1_T_ego0)
+        buck.add(pts, av2_to_residual(pts, flow[sel], p.ego1_T_ego0), gt_residual, p.category_indices[sel])
+        # Same EPE as the three-way Foreground/Dynamic (float16 GT); speed from the exact GT.
+        speeds.add(flow[sel], official_gt_flow(p.gt_flow[sel]), np.linalg.norm(gt_residual, axis=1) / p.dt_s,
+                   p.category_indices[sel], p.is_dynamic[sel])
     except MetricsError as exc:
         raise EvalError(f'{p.log_id}/{p.ts0} (prediction {where}): {exc}') from None
-    return PairScore(rows, buck, int(sel.sum()))
+    return PairScore(rows, buck, speeds, int(sel.sum()))
 
 
 _WORKER: dict = {}
@@ -316,6 +330,7 @@ def evaluate(pred_dir: Path, data_root: Path, split: str, every: int = 1, progre
     bar = progress or (lambda it, total: it)
     three = ThreeWayAccumulator()
     buck = BucketedAccumulator()
+    speeds = SpeedBucketEPE()
     n_points = 0
 
     def collect(scores) -> None:
@@ -323,6 +338,7 @@ def evaluate(pred_dir: Path, data_root: Path, split: str, every: int = 1, progre
         for sc in bar(scores, total=len(jobs)):
             three.add(sc.rows)
             buck.merge(sc.buckets)
+            speeds.merge(sc.speeds)
             n_points += sc.points
 
     init_args = (str(pred_dir), None if masks is None else str(masks))
@@ -337,7 +353,8 @@ def evaluate(pred_dir: Path, data_root: Path, split: str, every: int = 1, progre
         with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=init_args) as pool:
             # map keeps the pair order, so the sums are the same as with one process.
             collect(pool.map(_score_job, jobs, chunksize=4))
-    return EvalResult(three.results(), buck.result(35.0), buck.result(float('inf')), len(jobs), n_points)
+    return EvalResult(three.results(), buck.result(35.0), buck.result(float('inf')), len(jobs), n_points,
+                      speeds)
 
 
 # --- presentation ------------------------------------------------------------------------------
@@ -366,6 +383,10 @@ def format_table(res: EvalResult) -> str:
         lines.append(f'  {c:<16}{_fmt(s):>12}{_fmt(d):>19}')
     ms, md = res.bucketed.mean()
     lines.append(f'  {"mean":<16}{_fmt(ms):>12}{_fmt(md):>19}')
+    lines += ['', 'Foreground/Dynamic EPE per ground-truth speed (own motion, GT flow minus ego, / pair dt)',
+              f'  {"speed (m/s)":<16}{"EPE (m)":>10}{"points":>10}']
+    for label, epe, count in res.speed_buckets.rows():
+        lines.append(f'  {label:<16}{_fmt(epe):>10}{count:>10}')
     return '\n'.join(lines)
 
 
