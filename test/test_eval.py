@@ -585,3 +585,35 @@ def test_eval_mask_on_real_av2_sweep_matches_av2_map_api():
     ref = ~_av2_map_ground(log_dir, ts, pts) & (np.abs(pts[:, 0]) <= 50) & (np.abs(pts[:, 1]) <= 50)
     np.testing.assert_array_equal(mask, ref)
     assert 0.2 < mask.mean() < 0.9 and len(pts) == 100_660   # SOURCES.md: 100,660 points
+
+
+def test_results_table_speed_bucket_columns(tmp_path, capsys):
+    """bench/results_table.py: the default table is unchanged; --speed-buckets adds 'EPE (count)' cells."""
+    import importlib.util
+    import json
+    spec = importlib.util.spec_from_file_location(
+        'results_table', Path(__file__).resolve().parents[1] / 'bench' / 'results_table.py')
+    rt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rt)
+    three = {'EPE 3-Way Average': 0.1, 'EPE/Foreground/Dynamic': 0.25, 'EPE/Foreground/Static': 0.03,
+             'EPE/Background/Static': None, 'Dynamic IoU': 0.5}
+    labels = ['0-2', '2-5', '5-10', '10-20', '20+']
+    buckets = [{'bucket_mps': b, 'epe': e, 'count': c}
+               for b, e, c in zip(labels, [0.125, None, 0.5, 0.75, 1.0], [10, 0, 3, 4, 5])]
+    d = {'threeway': three, 'bucketed': {'mean_static_epe': 0.02, 'mean_dynamic_normalized_epe': 0.6},
+         'fg_dynamic_by_speed': {'buckets': buckets}}
+    (tmp_path / 'a').mkdir()
+    (tmp_path / 'a' / 'metrics.json').write_text(json.dumps(d))
+    assert rt.main([f'x={tmp_path / "a"}']) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].count('|') == 9
+    assert lines[2] == '| x | 0.1000 | 0.2500 | 0.0300 | - | 0.5000 | 0.0200 | 0.6000 |'
+    assert rt.main(['--speed-buckets', f'x={tmp_path / "a"}']) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert 'FG dyn 10-20 m/s (n)' in lines[0]
+    assert lines[2].endswith('| 0.1250 (10) | - (0) | 0.5000 (3) | 0.7500 (4) | 1.0000 (5) |')
+    del d['fg_dynamic_by_speed']
+    (tmp_path / 'old').mkdir()
+    (tmp_path / 'old' / 'metrics.json').write_text(json.dumps(d))
+    with pytest.raises(SystemExit, match='old/metrics.json: no .fg_dynamic_by_speed.'):
+        rt.main(['--speed-buckets', f'x={tmp_path / "old"}'])
