@@ -5,6 +5,7 @@
     zeroflow data synth OUT --sequences 20 --sweeps 20            # engineer tooling in zeroflow_training
     zeroflow data to-bag SOURCE OUT.mcap [--topic /lidar] [--odom-topic /odom] [--frame-id lidar]
     zeroflow data info PATH                                       # a bag, an AV2 root/log or a sweep folder
+    zeroflow data import SOURCE OUT [--split train] [--log-id ID] [--poses FILE] [--odom-topic T] [--topic T]
 
 ``to-bag`` SOURCE is an AV2/synthetic log folder (or a root holding exactly one log, else pick it
 with ``--log-id``), or a folder of KITTI ``.bin`` / PCD sweeps (``--poses`` adds odometry from a
@@ -60,6 +61,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser('info', help='summarise a bag, an AV2 root/log or a sweep folder')
     p.add_argument('path', type=Path, metavar='PATH')
+    _add_import_arguments(sub)
+
+
+def _add_import_arguments(sub) -> None:
+    from zeroflow_ros.data import importer
+    p = sub.add_parser('import', help='turn a rosbag2, a KITTI/PCD sweep folder or an Ouster pcap into an '
+                       'AV2-layout log (for zeroflow label/train)',
+                       description=importer.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('source', type=Path, metavar='SOURCE',
+                   help='rosbag2 (folder, .mcap, .db3), folder of .bin/.pcd sweeps, or .pcap (+ --meta)')
+    p.add_argument('out', type=Path, metavar='OUT',
+                   help='dataset root; the log goes to OUT/<split>/<log_id>/')
+    p.add_argument('--split', default='train', help='split folder (default train)')
+    p.add_argument('--log-id', default=None, help='log folder name (default: the source name)')
+    p.add_argument('--poses', type=Path, default=None,
+                   help='KITTI-style pose file (by name for sweep folders, else one line per sweep)')
+    p.add_argument('--topic', default=None, help='PointCloud2 topic (default: the bag\'s only one)')
+    p.add_argument('--odom-topic', default=None,
+                   help='nav_msgs/Odometry topic (default: the bag\'s only one; "" = KISS-ICP instead)')
+    p.add_argument('--meta', type=Path, default=None,
+                   help='Ouster metadata json (default: the only .json beside the pcap)')
+    p.add_argument('--no-deskew', action='store_true', help='keep sweeps as measured (offset_ns still kept)')
+    p.add_argument('--max-sweeps', type=int, default=None, help='import only the first N sweeps')
+    p.add_argument('--start-ns', type=int, default=1_000_000_000,
+                   help='first stamp for sweep folders without recorded times, then nominal 10 Hz')
+    p.add_argument('--odom-threads', type=int, default=0, help='KISS-ICP threads (0 = all cores)')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing log of the same id')
+
+
+def _import(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from zeroflow_ros.core.odometry import OdometryConfig
+    from zeroflow_ros.data.importer import import_source
+    res = import_source(args.source, args.out, split=args.split, log_id=args.log_id, poses=args.poses,
+                        topic=args.topic, odom_topic=args.odom_topic, meta=args.meta,
+                        deskew_sweeps=not args.no_deskew, max_sweeps=args.max_sweeps,
+                        start_ns=args.start_ns, overwrite=args.overwrite,
+                        odometry=OdometryConfig(max_num_threads=args.odom_threads),
+                        progress=lambda it: tqdm(it, desc='import', unit='sweep'))
+    print(f'imported {res.sweeps} sweeps ({res.points} points) to {res.log_dir}; '
+          f'poses from {res.pose_source}; {res.deskewed} sweeps de-skewed; {res.skipped} skipped')
+    return 0
 
 
 def _av2_log_dir(source: Path, log_id: str | None, split: str | None) -> Path | None:
@@ -175,13 +219,13 @@ def run(args: argparse.Namespace) -> int:
             return 2
         from zeroflow_training.data.cli_synth import run_synth
         return int(run_synth(args) or 0)
-    if cmd in ('to-bag', 'info'):
+    if cmd in ('to-bag', 'info', 'import'):
         from zeroflow_ros.data.av2 import DataError
         try:
-            return _to_bag(args) if cmd == 'to-bag' else _info(args)
+            return {'to-bag': _to_bag, 'info': _info, 'import': _import}[cmd](args)
         except DataError as exc:
             # Bad input is the user's to fix: one clear line, no traceback.
             print(f'zeroflow data {cmd}: error: {exc}', file=sys.stderr)
             return 2
-    print('usage: zeroflow data {synth,to-bag,info} ... (zeroflow data -h for help)')
+    print('usage: zeroflow data {synth,to-bag,info,import} ... (zeroflow data -h for help)')
     return 2
