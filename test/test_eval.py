@@ -252,10 +252,6 @@ def test_bucketed_hand_values():
 
 # --- Foreground/Dynamic EPE per ground-truth speed bucket ----------------------------------------
 
-def _yaw(a: float) -> np.ndarray:
-    return np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
-
-
 def test_speed_buckets_hand_built_pair(tmp_path):
     """Own speeds and errors chosen per point, ego turning and driving, dt = 0.2 s (not the usual 0.1).
 
@@ -265,6 +261,7 @@ def test_speed_buckets_hand_built_pair(tmp_path):
     The 0.3 m/s pedestrian has ~6 m/s AV2 flow (the ego's): it lands in 0-2 only if ego motion is
     removed; with dt taken as 0.1 s instead of the pair's 0.2 s, 1.9 m/s would read 3.8 (2-5).
     """
+    from zeroflow_ros.core.geometry import yaw_transform
     from zeroflow_ros.eval.evaluate import EvalPair, PredictionSource, score_pair
     dt = 0.2
     speed = np.array([1.0, 1.9, 3.0, 7.0, 9.0, 15.0, 25.0, 40.0, 12.0, 0.0, 8.0, 8.0, 0.3])
@@ -278,9 +275,8 @@ def test_speed_buckets_hand_built_pair(tmp_path):
     pts = np.c_[rng.uniform(-30, 30, (n, 2)), rng.uniform(-1, 2, n)].astype(np.float32)
     heading = rng.uniform(-np.pi, np.pi, n)
     own = (speed * dt)[:, None] * np.c_[np.cos(heading), np.sin(heading), np.zeros(n)]
-    R, t = _yaw(0.04), np.array([-1.2, 0.1, 0.02])          # ego1_T_ego0: 6 m/s forward, turning
-    T = np.eye(4)
-    T[:3, :3], T[:3, 3] = R, t
+    T = yaw_transform(0.04, (-1.2, 0.1, 0.02))                  # ego1_T_ego0: 6 m/s forward, turning
+    R, t = T[:3, :3], T[:3, 3]
     p64 = pts.astype(np.float64)
     gt = (((p64 + own) @ R.T + t) - p64).astype(np.float32)  # AV2 flow: q - p in ego0 coordinates
     err_dir = rng.normal(size=(n, 3))
