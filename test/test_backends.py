@@ -433,3 +433,18 @@ def test_torch_device_preprocess_path_matches_the_numpy_path(model_dir, pair):
     assert not v.any() and not f.any()
     with pytest.raises(BackendError, match='points1'):
         dev.infer(p0, np.zeros((4, 2), np.float32))
+
+
+def test_infer_pillars_equals_infer_and_keeps_cached_pillars_intact(model_dir, pair):
+    """Pillarise once, infer later (the node's per-sweep cache): same flow and mask as infer()."""
+    p0, p1 = pair
+    for name in ('onnxruntime', 'torch'):
+        b = create_backend(model_dir, backend=name, device='cpu', threads=1)
+        flow, valid = b.infer(p0, p1)
+        pil0, pil1 = b.pillarize(p0), b.pillarize(p1)
+        keep0 = pil0.keep.copy()
+        f2, v2 = b.infer_pillars(pil0, pil1)
+        assert np.array_equal(flow, f2) and np.array_equal(valid, v2)
+        v2[:] = False  # the caller owns the result: the cached sweep is not touched
+        assert np.array_equal(pil0.keep, keep0)
+        assert b.last_timing.in_range0 == int(keep0.sum())

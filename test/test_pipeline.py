@@ -366,3 +366,51 @@ def test_flow_marker_equals_checked_message_construction():
     # (CDR padding bytes are not initialised: compare the decoded messages, field by field)
     assert deserialize_message(serialize_message(fast), Marker) == ref
     assert deserialize_message(serialize_message(ref), Marker) == ref
+
+
+# ------------------------------------------------------------------------ split / overlapped use
+
+def test_prepare_then_run_pair_overlapped_equals_offline_flow(backend):
+    """The node's two-stage use (sweep t+2 prepared before the pair t, t+1 runs) gives, for every
+    pair, the offline values (prepare_pair + infer + scatter), also with the sensor above base."""
+    cfg = PipelineConfig(ego_motion='odometry', ground_removal='geometric',
+                         sensor_in_base_xyz=(0.3, 0.0, 1.73), sensor_in_base_rpy=(0.0, 0.02, 0.1))
+    pipe = Pipeline(cfg, backend=backend)
+    clouds = [kitti(i, 20000) for i in range(4)]
+    poses = [geometry.yaw_transform(0.01 * i, (0.8 * i, 0.05 * i, 0.0)) for i in range(4)]
+    jobs = [pipe.prepare(c, i * 100_000_000, poses[i], frame_id='v') for i, c in enumerate(clouds)]
+    assert jobs[0] is None and all(j is not None for j in jobs[1:])
+    frames = [pipe.run_pair(j) for j in jobs[1:]]  # after all were prepared: nothing shared leaks
+    R, t = cfg.base_T_sensor[:3, :3], cfg.base_T_sensor[:3, 3]
+    for i, frame in enumerate(frames):
+        T = geometry.invert(poses[i + 1]) @ poses[i]
+        prep = preprocess.prepare_pair(clouds[i], clouds[i + 1], T, make_preprocess_config(cfg))
+        flow_k, valid_k = backend.infer((prep.pc0 @ R.T + t).astype(np.float32),
+                                        (prep.pc1 @ R.T + t).astype(np.float32))
+        ref = np.zeros((len(clouds[i]), 3), np.float32)
+        ref[prep.mask0] = np.where(valid_k[:, None], flow_k @ R.astype(np.float32), 0)
+        assert np.abs(frame.flow - ref).max() <= 1e-5
+        assert np.allclose(frame.ego1_T_ego0, T, atol=1e-12)
+        assert {'check', 'ground', 'odometry', 'sweep_pillars', 'pair_points', 'network',
+                'scatter'} <= set(frame.stages_ms)
+
+
+def test_flow_correction_hook_gets_the_pair_and_its_result_is_published(backend):
+    """The post-network hook sees sweep t's scored points, sweep t+1 in ego0 and the motion."""
+    seen = {}
+
+    def halve(flow, valid, pc0, pc1, T):
+        seen.update(flow=flow.copy(), valid=valid.copy(), pc0=pc0, pc1=pc1, T=T)
+        return flow * 0.5
+
+    cfg = PipelineConfig(ego_motion='none', ground_removal='geometric')
+    plain, hooked = Pipeline(cfg, backend=backend), Pipeline(cfg, backend=backend)
+    hooked.flow_correction = halve
+    p0, p1 = kitti(0), kitti(1)
+    for pipe in (plain, hooked):
+        pipe.step(p0, 0)
+    ref, got = plain.step(p1, 100_000_000), hooked.step(p1, 100_000_000)
+    prep = preprocess.prepare_pair(p0, p1, np.eye(4), make_preprocess_config(cfg))
+    assert np.array_equal(seen['pc0'], prep.pc0) and np.array_equal(seen['pc1'], prep.pc1)
+    assert np.array_equal(seen['T'], np.eye(4)) and len(seen['flow']) == len(prep.pc0)
+    assert np.allclose(got.flow, 0.5 * ref.flow, atol=1e-7)

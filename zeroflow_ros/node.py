@@ -13,8 +13,13 @@ Topics (all relative to the node, remappable):
   newest sweep (t+1), i.e. the delay the node adds after the sensor delivered the data it needed.
 
 Threading: the subscription callback only stores the newest message (latest wins, an unprocessed
-one is dropped and counted); one worker thread decodes, runs :class:`~zeroflow_ros.pipeline.Pipeline`
-and publishes. Bad input never stops the node: it is logged (throttled), counted by kind in the
+one is dropped and counted). Two worker threads form a bounded pipeline: the *sweep* worker decodes
+each message and does its per-sweep work once (:meth:`~zeroflow_ros.pipeline.Pipeline.prepare`:
+checks, ground, lidar odometry, pillars); the *pair* worker runs the network on the pair that
+completes (:meth:`~zeroflow_ros.pipeline.Pipeline.run_pair`) and publishes, while the sweep worker
+already prepares the next sweep. Between them is one slot, latest wins (a pair replaced before the
+pair worker took it is a dropped flow, counted): at most one message and one pair wait. Bad input
+never stops the node: it is logged (throttled), counted by kind in the
 diagnostics, and that sweep produces no output.
 
 Clouds above ``max_points`` are clipped to an evenly strided subset (input order kept) and
@@ -156,6 +161,7 @@ class NodeStats:
     processed: int = 0
     published: int = 0
     dropped_stale: int = 0
+    dropped_pairs: int = 0        # of dropped_stale: pairs replaced before the network took them
     skipped_no_subscribers: int = 0
     clipped: int = 0
     odometry_received: int = 0
@@ -163,6 +169,9 @@ class NodeStats:
     resets: collections.Counter = field(default_factory=collections.Counter)
     latencies_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=200))
     totals_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=200))
+    # per published flow: ms per stage (decode, check, ground, odometry, sweep_pillars, pair_points,
+    # network, scatter, encode, publish, markers), for benches
+    stages_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=200))
     publish_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=200))
     receive_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=200))
     last_total_ms: float = float('nan')
@@ -193,6 +202,8 @@ class ZeroFlowNode(Node):
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._worker: threading.Thread | None = None
+        self._pair_worker: threading.Thread | None = None
+        self._pair_wake = threading.Event()
         for p in PARAMS:
             self.declare_parameter(p.name, p.default, _descriptor(p))
         self._check_choices()
@@ -200,6 +211,7 @@ class ZeroFlowNode(Node):
         v = {p.name: self.get_parameter(p.name).value for p in PARAMS}
 
         self.config = pl.PipelineConfig.from_dict(v)
+        pl.limit_blas_threads(1)
         self.pipeline = pl.Pipeline(self.config, backend=backend)
         if v['warmup_iterations'] > 0 and hasattr(self.pipeline.backend, 'warmup'):
             self.pipeline.backend.warmup(iterations=v['warmup_iterations'])
@@ -210,7 +222,10 @@ class ZeroFlowNode(Node):
         self._seq = 0          # messages received (callback side)
         self._used_seq = 0     # newest message fed to the pipeline (worker side)
         self._warn_times: dict[str, float] = {}
-        self._busy = False     # the worker holds a message
+        self._busy = False     # the sweep worker holds a message
+        # (job, t0, t_recv, decode_ms) waiting for the pair worker; latest wins
+        self._pair_slot: tuple[Any, float, float, float] | None = None
+        self._pair_busy = False
         self._idle = False     # the last message was skipped: nobody subscribes
 
         self.poses = pl.PoseBuffer(base_T_sensor=self.config.base_T_sensor)
@@ -252,6 +267,8 @@ class ZeroFlowNode(Node):
                                              clock=steady)
         self._worker = threading.Thread(target=self._work, name='zeroflow_worker', daemon=True)
         self._worker.start()
+        self._pair_worker = threading.Thread(target=self._pair_work, name='zeroflow_pair', daemon=True)
+        self._pair_worker.start()
 
         d = self.pipeline.describe()
         b = d['backend']
@@ -352,12 +369,39 @@ class ZeroFlowNode(Node):
             if item is not None:
                 self._process(*item)
 
+    def _pair_work(self) -> None:
+        while not self._stop.is_set():
+            if not self._pair_wake.wait(0.1):
+                continue
+            with self._lock:
+                item, self._pair_slot = self._pair_slot, None
+                self._pair_wake.clear()
+                self._pair_busy = item is not None
+            if item is None:
+                continue
+            try:
+                self._guarded(lambda: self._run_pair(*item), count=False)
+            finally:
+                with self._lock:
+                    self._pair_busy = False
+
+    def _hand_over(self, job: Any, t0: float, t_recv: float, decode_ms: float) -> None:
+        """Give a pair to the pair worker; one still waiting there is replaced (latest wins)."""
+        with self._lock:
+            if self._pair_slot is not None:
+                # that sweep gets no flow: a stale drop like one at the input
+                self.stats.dropped_pairs += 1
+                self.stats.dropped_stale += 1
+            self._pair_slot = (job, t0, t_recv, decode_ms)
+        self._pair_wake.set()
+
     def wait_idle(self, timeout: float = 10.0) -> bool:
-        """Wait until no message is waiting or in work; False on timeout (tests and benches)."""
+        """Wait until no message or pair is waiting or in work; False on timeout (tests and benches)."""
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
-                if self._slot is None and not self._busy:
+                if (self._slot is None and not self._busy and self._pair_slot is None
+                        and not self._pair_busy):
                     return True
             if time.monotonic() >= deadline:
                 return False
@@ -392,8 +436,8 @@ class ZeroFlowNode(Node):
             with self._lock:
                 self._busy = False
 
-    def _guarded(self, fn: Any) -> bool:
-        """Run one sweep; bad input is counted by kind and logged (throttled), never raised."""
+    def _guarded(self, fn: Any, count: bool = True) -> bool:
+        """Run one sweep (or pair); bad input is counted by kind and logged (throttled), never raised."""
         from zeroflow_ros.core import pointcloud2 as pc2
         try:
             fn()
@@ -405,12 +449,13 @@ class ZeroFlowNode(Node):
             self._count_error('internal', f'internal error on a cloud: {type(exc).__name__}: {exc}')
             log.debug('internal error', exc_info=True)
         finally:
-            with self._lock:
-                self.stats.processed += 1
+            if count:
+                with self._lock:
+                    self.stats.processed += 1
         return False
 
     def _step(self, msg: Any, *, infer: bool = True, t0: float | None = None, t_recv: float = 0.0) -> None:
-        """Decode one message, run the pipeline on it and publish the flow it completes."""
+        """Decode one message, do its per-sweep work and hand the pair it completes to the pair worker."""
         from zeroflow_ros.core import pointcloud2 as pc2
 
         t0 = time.perf_counter() if t0 is None else t0
@@ -432,7 +477,7 @@ class ZeroFlowNode(Node):
         if self.config.ego_motion == 'odometry':
             pose = self.poses.wait_for(stamp_ns, self._p('odometry_wait_s'))
         decode_ms = (time.perf_counter() - t_dec) * 1e3
-        frame = self.pipeline.step(xyz, stamp_ns, pose, frame_id=cloud.frame_id, tag=msg.header, infer=infer)
+        job = self.pipeline.prepare(xyz, stamp_ns, pose, frame_id=cloud.frame_id, tag=msg.header)
         reason = self.pipeline.last_reset_reason
         if reason is not None:
             with self._lock:
@@ -440,8 +485,12 @@ class ZeroFlowNode(Node):
             if reason in _ERROR_RESETS:
                 self._count_error(reason, f'{reason} at {stamp_ns} ns on {cloud.frame_id!r}: '
                                   'sweep starts a new pair, no flow for it')
-        if frame is not None:
-            self._publish(frame, t0, t_recv, decode_ms, stamp_ns)
+        if job is not None and infer:
+            self._hand_over(job, t0, t_recv, decode_ms)
+
+    def _run_pair(self, job: Any, t0: float, t_recv: float, decode_ms: float) -> None:
+        frame = self.pipeline.run_pair(job)
+        self._publish(frame, t0, t_recv, decode_ms, frame.next_stamp_ns)
 
     def _publish(self, frame: pl.FlowFrame, t0: float, t_recv: float, decode_ms: float,
                  stamp_ns: int) -> None:
@@ -453,7 +502,9 @@ class ZeroFlowNode(Node):
             'speed': frame.speed, 'is_dynamic': frame.is_dynamic.astype(np.uint8),
         }
         out = pc2.encode(frame.points, fields, header=frame.tag)
+        t_enc = time.perf_counter()
         self._flow_pub.publish(out)
+        t_pub = time.perf_counter()
         if self._p('publish_markers') and self._marker_pub.get_subscription_count() > 0:
             verts, rgb = vis.arrow_segments(
                 frame.points, frame.flow, frame.speed, frame.is_dynamic,
@@ -463,6 +514,8 @@ class ZeroFlowNode(Node):
                 vis.flow_marker(frame.tag, verts, rgb, line_width=self._p('marker_line_width')))
         now = time.monotonic()
         t_end = time.perf_counter()
+        stages = {'decode': decode_ms, **frame.stages_ms, 'encode': (t_enc - t_post) * 1e3,
+                  'publish': (t_pub - t_enc) * 1e3, 'markers': (t_end - t_pub) * 1e3}
         timings = dict(frame.timings_ms)
         timings['preprocess'] += decode_ms
         timings['postprocess'] += (t_end - t_post) * 1e3
@@ -482,6 +535,7 @@ class ZeroFlowNode(Node):
             s.publish_times.append(now)
             s.latencies_ms.append(latency_ms)
             s.totals_ms.append(timings['total'])
+            s.stages_ms.append(stages)
             s.last_total_ms = timings['total']
             s.last_success_time = now
             s.first_error_since_success = 0.0
@@ -536,6 +590,7 @@ class ZeroFlowNode(Node):
                 'messages_processed': s.processed,
                 'flows_published': s.published,
                 'dropped_stale': s.dropped_stale,
+                'dropped_pairs': s.dropped_pairs,
                 'skipped_no_subscribers': s.skipped_no_subscribers,
                 'clipped': s.clipped,
                 'odometry_received': s.odometry_received,
@@ -595,8 +650,10 @@ class ZeroFlowNode(Node):
     def destroy_node(self) -> None:
         self._stop.set()
         self._wake.set()
-        if self._worker is not None and self._worker.is_alive():
-            self._worker.join(timeout=5.0)
+        self._pair_wake.set()
+        for worker in (self._worker, self._pair_worker):
+            if worker is not None and worker.is_alive():
+                worker.join(timeout=5.0)
         super().destroy_node()
 
 

@@ -117,6 +117,9 @@ class FlowFrame:
     ego1_T_ego0: np.ndarray       # (4,4) float64
     timings_ms: dict[str, float]  # preprocess, inference, postprocess, total
     tag: Any = None               # whatever the caller passed with sweep t (the node: its header)
+    # finer split of the same work (ms): check, ground, odometry, sweep_pillars (sweep t+1's own
+    # work), pair_points, network, scatter
+    stages_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def dt_s(self) -> float:
@@ -243,6 +246,20 @@ class _Sweep:
     world_T_ego: np.ndarray     # (4,4)
     frame_id: str
     tag: Any = None
+    # What the sweep needs as sweep t of the next pair, computed once when it arrives:
+    mask0: np.ndarray | None = None    # (N,) bool, scored (finite, in range, not ground)
+    model0: np.ndarray | None = None   # (K0,3) float32, points[mask0] in the model (base) frame
+    pillars0: Any = None               # backend.pillarize(model0), when the backend pillarises on the host
+    stages_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PairJob:
+    """Two prepared sweeps whose flow is still to be computed by :meth:`Pipeline.run_pair`."""
+
+    prev: _Sweep
+    cur: _Sweep
+    ego1_T_ego0: np.ndarray     # (4,4) float64, checked rigid
 
 
 @dataclass
@@ -256,7 +273,13 @@ class Pipeline:
 
     ``backend`` may be passed in (already created); otherwise it is created from the config with
     ``zeroflow_ros.backends.create_backend``. ``lidar_odometry_factory`` builds a fresh
-    KISS-ICP wrapper on every reset (default: ``core.odometry.LidarOdometry``).
+    KISS-ICP wrapper on every reset (default: ``core.odometry.LidarOdometry``, one thread).
+
+    The work is split in two so a caller can overlap sweeps: :meth:`prepare` does everything a
+    sweep needs once (checks, ground, ego pose, its scored points and pillars as the next pair's
+    sweep t) and keeps the pairing state; :meth:`run_pair` does what depends on the pair (sweep
+    t+1 brought into ego0, the network, the scatter back) and touches no pairing state, so it may
+    run in another thread while the next sweep is prepared. :meth:`step` is both in one call.
     """
 
     def __init__(self, config: PipelineConfig, backend: Any = None,
@@ -272,13 +295,15 @@ class Pipeline:
         self._to_base = None if np.allclose(T, np.eye(4)) else (T[:3, :3].astype(np.float32),
                                                                 T[:3, 3].astype(np.float32))
         self._preprocess_cfg = make_preprocess_config(config)
-        # Ground masks are passed in per sweep; 'auto' uses them (same result as 'geometric'/'none').
-        self._pair_cfg = dataclasses.replace(self._preprocess_cfg, ground='auto')
         self._odometry_factory = lidar_odometry_factory or _default_lidar_odometry
         self._odometry: Any = None
         self._prev: _Sweep | None = None
         self.last_reset_reason: str | None = None
         self.counters = _Counters()
+        # The hook for a post-network correction of the pair's residual flow (e.g. a static
+        # residual clean-up): fn(flow (K0,3), valid (K0,), pc0 (K0,3), pc1 (K1,3), ego1_T_ego0)
+        # -> flow (K0,3), in the cloud frame of sweep t. None: no correction.
+        self.flow_correction: Callable[..., np.ndarray] | None = None
 
     # -- state -------------------------------------------------------------------------------
     def reset(self, reason: str = 'reset') -> None:
@@ -311,59 +336,119 @@ class Pipeline:
         ``infer=False`` only takes the sweep in (ego pose, ground), e.g. a predecessor the caller
         had skipped, and returns None.
         """
-        t_start = time.perf_counter()
+        job = self.prepare(points, stamp_ns, pose, frame_id=frame_id, tag=tag)
+        if job is None or not infer:
+            return None
+        return self.run_pair(job)
+
+    def prepare(self, points: np.ndarray, stamp_ns: int, pose: np.ndarray | None = None, *,
+                frame_id: str = '', tag: Any = None) -> PairJob | None:
+        """Take sweep t+1 in (all per-sweep work); return the pair it completes, or None.
+
+        Raises :class:`PipelineError` on a rejected sweep, as :meth:`step`. Not thread-safe: one
+        caller thread feeds sweeps in order.
+        """
+        t0 = time.perf_counter()
         self.last_reset_reason = None
         pts = self._check_points(points)
         stamp_ns = int(stamp_ns)
+        t1 = time.perf_counter()
         ground = self._ground(pts)
+        t2 = time.perf_counter()
         ego_T = self._ego_pose(pts, stamp_ns, pose, frame_id, ground)
+        t3 = time.perf_counter()
         cur = _Sweep(pts, ground, stamp_ns, ego_T, frame_id, tag)
+        self._sweep_t_inputs(cur)
+        t4 = time.perf_counter()
+        cur.stages_ms = {'check': (t1 - t0) * 1e3, 'ground': (t2 - t1) * 1e3, 'odometry': (t3 - t2) * 1e3,
+                         'sweep_pillars': (t4 - t3) * 1e3}
         prev, self._prev = self._prev, cur
-        if prev is None or not infer:
+        if prev is None:
             return None
+        from zeroflow_ros.core import preprocess
+        try:
+            T = preprocess.check_transform('ego1_T_ego0', geometry.invert(cur.world_T_ego) @ prev.world_T_ego)
+        except preprocess.PreprocessError as exc:
+            self.reset('bad_ego_motion')
+            raise PipelineError('ego_motion', f'ego motion between sweeps rejected: {exc}') from exc
+        return PairJob(prev, cur, T)
 
-        ego1_T_ego0 = geometry.invert(cur.world_T_ego) @ prev.world_T_ego
-        # The same selection as offline prediction (prepare_pair), with each sweep's ground mask
-        # computed once: a sweep is t+1 of one pair and t of the next.
-        prep = self._prepare_pair(prev.points, cur.points, ego1_T_ego0, is_ground0=prev.is_ground,
-                                  is_ground1=cur.is_ground)
-        pc0, pc1, mask0 = prep.pc0, prep.pc1, prep.mask0
-        t_pre = time.perf_counter()
-        if len(pc0) == 0 or len(pc1) == 0:
-            residual = np.zeros((len(pc0), 3), np.float32)
-            valid_k = np.zeros(len(pc0), bool)
-        elif self._to_base is None:
-            residual, valid_k = self.backend.infer(pc0, pc1)
+    def run_pair(self, job: PairJob) -> FlowFrame:
+        """Flow of ``job.prev`` towards ``job.cur``: the per-pair work only (thread-safe w.r.t. prepare)."""
+        t0 = time.perf_counter()
+        prev, cur = job.prev, job.cur
+        # The same selection as offline prediction (core.preprocess.prepare_pair): sweep t+1's
+        # non-ground points brought into ego0 and kept when inside the range box there.
+        cand = np.flatnonzero(~cur.is_ground)
+        p1_in0 = geometry.transform_points(geometry.invert(job.ego1_T_ego0),
+                                           cur.points[cand].astype(np.float64))
+        pc1 = p1_in0[self._preprocess_cfg.in_range(p1_in0)].astype(np.float32)
+        model1 = self._model_frame(pc1)
+        t1 = time.perf_counter()
+        net_ms = 0.0
+        if len(prev.model0) == 0 or len(pc1) == 0:
+            residual = np.zeros((len(prev.model0), 3), np.float32)
+            valid_k = np.zeros(len(prev.model0), bool)
+        elif self._host_pillars():
+            pil0 = prev.pillars0 or self.backend.pillarize(prev.model0, 'points0')  # backend swapped since
+            pil1 = self.backend.pillarize(model1, 'points1')
+            t1 = time.perf_counter()
+            residual, valid_k = self.backend.infer_pillars(pil0, pil1)
+            net_ms = self.backend.last_timing.inference_ms
         else:
-            # both clouds are in sensor0 coordinates: one rigid map takes them to base0, which leaves
-            # residual flow a free vector that only rotates
-            R, t = self._to_base
-            residual, valid_k = self.backend.infer(pc0 @ R.T + t, pc1 @ R.T + t)
-            residual = np.asarray(residual, np.float32) @ R
-        t_inf = time.perf_counter()
+            residual, valid_k = self.backend.infer(prev.model0, model1)
+        residual = np.asarray(residual, np.float32)
+        if self._to_base is not None:
+            # residual flow is a free vector: base -> cloud frame is the rotation only
+            residual = residual @ self._to_base[0]
+        valid_k = np.asarray(valid_k, bool)
+        t2 = time.perf_counter()
+        if self.flow_correction is not None:
+            residual = np.asarray(self.flow_correction(residual, valid_k, prev.points[prev.mask0], pc1,
+                                                       job.ego1_T_ego0), np.float32)
+        frame = self._scatter(job, residual, valid_k)
+        t3 = time.perf_counter()
+        self.counters.frames += 1
+        sweep_ms = sum(cur.stages_ms.values())
+        frame.timings_ms = {'preprocess': sweep_ms + (t1 - t0) * 1e3, 'inference': (t2 - t1) * 1e3,
+                            'postprocess': (t3 - t2) * 1e3, 'total': sweep_ms + (t3 - t0) * 1e3}
+        frame.stages_ms = {**cur.stages_ms, 'pair_points': (t1 - t0) * 1e3,
+                           'network': net_ms or (t2 - t1) * 1e3, 'scatter': (t3 - t2) * 1e3}
+        return frame
 
+    # -- helpers -----------------------------------------------------------------------------
+    def _host_pillars(self) -> bool:
+        # Real backends pillarise on the host (sweep t once); test doubles only offer infer().
+        b = self.backend
+        return bool(getattr(b, 'host_pillars', False)) and hasattr(b, 'pillarize')
+
+    def _model_frame(self, pts: np.ndarray) -> np.ndarray:
+        if self._to_base is None:
+            return pts
+        # both clouds are in sensor0 coordinates: one rigid map takes them to base0
+        R, t = self._to_base
+        return pts @ R.T + t
+
+    def _sweep_t_inputs(self, sweep: _Sweep) -> None:
+        """Scored points of a sweep as sweep t of the next pair (own frame), pillarised once."""
+        sweep.mask0 = self._preprocess_cfg.in_range(sweep.points) & ~sweep.is_ground
+        sweep.model0 = self._model_frame(sweep.points[sweep.mask0])
+        if self._host_pillars() and len(sweep.model0):
+            sweep.pillars0 = self.backend.pillarize(sweep.model0, 'points0')
+
+    def _scatter(self, job: PairJob, residual: np.ndarray, valid_k: np.ndarray) -> FlowFrame:
+        prev, cur = job.prev, job.cur
         n = len(prev.points)
         flow = np.zeros((n, 3), np.float32)
         valid = np.zeros(n, bool)
-        valid_k = np.asarray(valid_k, bool)
-        residual = np.asarray(residual, np.float32)
-        flow[mask0] = np.where(valid_k[:, None], residual, 0.0)
-        valid[mask0] = valid_k
+        flow[prev.mask0] = np.where(valid_k[:, None], residual, 0.0)
+        valid[prev.mask0] = valid_k
         dt = (cur.stamp_ns - prev.stamp_ns) * 1e-9
         speed = (np.linalg.norm(flow, axis=1) / dt).astype(np.float32)
         is_dynamic = valid & (speed >= self.config.dynamic_threshold_mps)
-        t_end = time.perf_counter()
-        self.counters.frames += 1
-        timings = {
-            'preprocess': (t_pre - t_start) * 1e3,
-            'inference': (t_inf - t_pre) * 1e3,
-            'postprocess': (t_end - t_inf) * 1e3,
-            'total': (t_end - t_start) * 1e3,
-        }
         return FlowFrame(prev.stamp_ns, cur.stamp_ns, prev.points, flow, valid, speed, is_dynamic,
-                         ego1_T_ego0, timings, prev.tag)
+                         job.ego1_T_ego0, {}, prev.tag)
 
-    # -- helpers -----------------------------------------------------------------------------
     def _check_points(self, points: np.ndarray) -> np.ndarray:
         pts = np.asarray(points)
         if pts.ndim != 2 or pts.shape[1] != 3:
@@ -428,15 +513,6 @@ class Pipeline:
             ground[sane] = preprocess.prepare_cloud(pts[sane], self._preprocess_cfg).is_ground
         return ground
 
-    def _prepare_pair(self, points0, points1, ego1_T_ego0, is_ground0, is_ground1) -> Any:
-        from zeroflow_ros.core import preprocess
-        try:
-            return preprocess.prepare_pair(points0, points1, ego1_T_ego0, self._pair_cfg,
-                                           is_ground0=is_ground0, is_ground1=is_ground1)
-        except preprocess.PreprocessError as exc:
-            self.reset('bad_ego_motion')
-            raise PipelineError('ego_motion', f'ego motion between sweeps rejected: {exc}') from exc
-
 
 #: Coordinates beyond this (metres) are treated like NaN: no lidar measures them, and they overflow
 #: the integer grid arithmetic of ground removal and odometry.
@@ -487,9 +563,27 @@ def clip_indices(n: int, max_points: int) -> np.ndarray | None:
     return np.floor(np.arange(max_points) * (n / max_points)).astype(np.int64)
 
 
+def limit_blas_threads(threads: int = 1) -> bool:
+    """Cap numpy's BLAS pool (process-wide); True when applied.
+
+    The node's numpy work is element-wise or (N,3)x(3,3) products: BLAS threads buy nothing there,
+    and an OpenBLAS pool that busy-waits after each call takes a core from onnxruntime on a
+    2-core machine. threadpoolctl comes with scikit-learn; without it nothing changes.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        log.debug('threadpoolctl not installed: BLAS threads left as they are')
+        return False
+    threadpool_limits(limits=int(threads), user_api='blas')
+    return True
+
+
 def _default_lidar_odometry() -> Any:
-    from zeroflow_ros.core.odometry import LidarOdometry
-    return LidarOdometry()
+    from zeroflow_ros.core.odometry import LidarOdometry, OdometryConfig
+    # One thread: KISS-ICP's TBB workers busy-wait after each parallel loop and take the cores
+    # from onnxruntime; on 2 cores registration itself got faster too (32 -> 17 ms at 100k points).
+    return LidarOdometry(OdometryConfig(max_num_threads=1))
 
 
 def make_preprocess_config(config: PipelineConfig) -> Any:

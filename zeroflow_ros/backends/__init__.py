@@ -14,9 +14,9 @@ import os
 from typing import Any
 
 from zeroflow_ros.backends.base import (BACKEND_NAMES, DEVICES, PRECISIONS, Backend, BackendError,
-                                        ModelSource, Timing, default_threads, resolve_model)
+                                        ModelSource, Pillars, Timing, default_threads, resolve_model)
 
-__all__ = ['create_backend', 'Backend', 'BackendError', 'Timing', 'ModelSource', 'resolve_model',
+__all__ = ['create_backend', 'Backend', 'BackendError', 'Pillars', 'Timing', 'ModelSource', 'resolve_model',
            'BACKEND_NAMES', 'DEVICES', 'PRECISIONS', 'AUTO_ORDER', 'default_threads']
 
 log = logging.getLogger(__name__)

@@ -164,6 +164,16 @@ def _attach_manifest(src: ModelSource, path: Path, keep_checkpoint: bool = False
             src.checkpoint = ckpt
 
 
+@dataclasses.dataclass(frozen=True)
+class Pillars:
+    """One cloud after the shared pillar pre-step (:meth:`Backend.pillarize`)."""
+
+    n: int               # points given
+    keep: np.ndarray     # (n,) bool, in the grid box and finite
+    points: np.ndarray   # (K,3) float32, the kept points in input order
+    idx: np.ndarray      # (K,) int64 flat pillar index
+
+
 def check_points(points: Any, name: str) -> np.ndarray:
     """(N,3) float32 C-contiguous view/copy of ``points`` or a BackendError naming ``name``."""
     arr = np.asarray(points)
@@ -218,12 +228,31 @@ class Backend(abc.ABC):
         with self.lock:
             return self._infer_host(points0, points1)
 
+    # Host pillarisation split from the network call, so a caller that sees each sweep twice
+    # (t+1 of one pair, t of the next) can pillarise sweep t once, when it arrives.
+    host_pillars: bool = True
+
+    def pillarize(self, points: np.ndarray, name: str = 'points') -> Pillars:
+        """Pillar pre-step of one cloud (the same numpy step as :meth:`infer`), for :meth:`infer_pillars`."""
+        p = check_points(points, name)
+        keep, pc, idx = pillarize(p, self.grid)
+        return Pillars(len(p), keep, pc, np.ascontiguousarray(idx))
+
+    def infer_pillars(self, pil0: Pillars, pil1: Pillars) -> tuple[np.ndarray, np.ndarray]:
+        """Same result as ``infer(points0, points1)`` from clouds already pillarised by :meth:`pillarize`."""
+        with self.lock:
+            return self._infer_pillars(pil0, pil1, 0.0)
+
     def _infer_host(self, points0: np.ndarray, points1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         t0 = time.perf_counter()
-        p0 = check_points(points0, 'points0')
-        p1 = check_points(points1, 'points1')
-        keep0, pc0, idx0 = pillarize(p0, self.grid)
-        _, pc1, idx1 = pillarize(p1, self.grid)
+        pil0 = self.pillarize(points0, 'points0')
+        pil1 = self.pillarize(points1, 'points1')
+        return self._infer_pillars(pil0, pil1, (time.perf_counter() - t0) * 1e3)
+
+    def _infer_pillars(self, pil0: Pillars, pil1: Pillars, pre_ms: float) -> tuple[np.ndarray, np.ndarray]:
+        t0 = time.perf_counter()
+        keep0, pc0, idx0 = pil0.keep, pil0.points, pil0.idx
+        pc1, idx1 = pil1.points, pil1.idx
         k0, k1 = len(pc0), len(pc1)
         sel0 = None
         if self.max_points is not None and (k0 > self.max_points or k1 > self.max_points):
@@ -242,7 +271,7 @@ class Backend(abc.ABC):
         else:
             flow_k = self._run(pc0, np.ascontiguousarray(idx0), pc1, np.ascontiguousarray(idx1))
         t2 = time.perf_counter()
-        n = len(p0)
+        n = pil0.n
         flow = np.zeros((n, 3), dtype=np.float32)
         valid = np.zeros(n, dtype=bool)
         if flow_k is not None:
@@ -252,7 +281,7 @@ class Backend(abc.ABC):
             if sel0 is None and np.isfinite(flow_k).all():
                 # common case: a boolean-mask copy is ~5x faster than index arithmetic at 100k points
                 flow[keep0] = flow_k
-                valid = keep0
+                valid = keep0.copy()
             else:
                 rows = np.flatnonzero(keep0)
                 if sel0 is not None:
@@ -262,7 +291,7 @@ class Backend(abc.ABC):
                 valid[rows[ok]] = True
         t3 = time.perf_counter()
         self.calls += 1
-        self.last_timing = Timing((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, n, k0, k1)
+        self.last_timing = Timing(pre_ms + (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, n, k0, k1)
         return flow, valid
 
     def _clip(self, k0: int, k1: int) -> np.ndarray:

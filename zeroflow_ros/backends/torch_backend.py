@@ -107,6 +107,8 @@ class TorchBackend(Backend):
         self.meta = meta
         self.num_params = int(sum(p.numel() for p in self.model.parameters()))
         self.device_preprocess = (device == 'cuda') if device_preprocess is None else bool(device_preprocess)
+        # pillars made on the host would bypass the device pre-step: callers then use infer()
+        self.host_pillars = not self.device_preprocess
 
     def infer(self, points0: np.ndarray, points1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if not self.device_preprocess:
