@@ -146,7 +146,7 @@ def test_manifest_repair_and_recovery_from_file_metadata(tmp_path):
 def _cli(root: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, '-m', 'zeroflow_ros.cli', 'label', str(root), '--split', 'train',
             '--out', str(out),
-            '--no-progress', '--fit-points', '128', '--iters', '25', *extra]
+            '--no-progress', '--teacher', 'nsfp', '--fit-points', '128', '--iters', '25', *extra]
 
 
 def test_kill_dash_nine_then_rerun_labels_every_pair_exactly_once(dataset, tmp_path):

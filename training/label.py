@@ -1,4 +1,7 @@
-"""``zeroflow label``: pseudo-label every pair of a split with the NSFP teacher, at scale.
+"""``zeroflow label``: pseudo-label every pair of a split with a teacher (``--teacher``), at scale.
+
+Teachers: ``rigid`` (default, :mod:`zeroflow_training.teacher.rigid`), ``hybrid`` and ``nsfp``; one
+config object, :class:`zeroflow_training.teacher.TeacherConfig`, shared with ``zeroflow predict``.
 
 Output is exactly the ``zeroflow predict`` layout, so ``zeroflow eval LABELS DATA_ROOT`` scores the
 teacher directly: ``LABELS/<log_id>/<ts_ns of sweep t>.feather``, one row per point of sweep t in
@@ -221,18 +224,53 @@ def _base_record(task: PairTask) -> dict[str, Any]:
             'iterations': 0, 'seconds': 0.0, 'points': 0, 'points_used': 0, 'points1_used': 0}
 
 
+INFO_KEYS = ('iterations', 'loss', 'forward_loss', 'stop', 'fit_points', 'nn', 'device', 'batch',
+             'batch_seconds', 'teacher', 'clusters', 'registered', 'moving_objects', 'nsfp_points')
+
+
+def teacher_config(cfg: Any):
+    """Return a :class:`TeacherConfig` for one, a bare ``NSFPConfig`` (NSFP teacher) or None (default)."""
+    from zeroflow_training.teacher import TeacherConfig
+    from zeroflow_training.teacher.nsfp import NSFPConfig
+    if cfg is None:
+        return TeacherConfig()
+    if isinstance(cfg, NSFPConfig):
+        return TeacherConfig('nsfp', nsfp=cfg)
+    if not isinstance(cfg, TeacherConfig):
+        raise LabelError(f'teacher config: expected TeacherConfig or NSFPConfig, got {type(cfg).__name__}')
+    return cfg
+
+
+def _run_teachers(todo: list, cfg: Any, device: str) -> list[tuple[Any, dict[str, Any]]]:
+    """Teacher results of the prepared pairs: one batched NSFP optimisation, or one call per pair."""
+    from zeroflow_training.teacher import run_teacher
+    from zeroflow_training.teacher.nsfp import run_nsfp_batch
+    if cfg.name == 'nsfp':
+        seeds = [pair_seed(cfg.nsfp.seed, t.log_id, t.ts0) for _, t, *_ in todo]
+        try:
+            return run_nsfp_batch([(a, b) for *_, a, b in todo], cfg.nsfp, device, seeds)
+        except ValueError as exc:  # NSFPError
+            return [(None, {'status': 'failed', 'reason': f'NSFP refused the input: {exc}'})] * len(todo)
+    results = []
+    for _, t, *_, a, b in todo:
+        seed = pair_seed(cfg.rigid.seed, t.log_id, t.ts0)
+        try:
+            results.append(run_teacher(a, b, cfg, device, seed, dt=(t.ts1 - t.ts0) * 1e-9))
+        except ValueError as exc:  # RigidError / NSFPError: the teacher refused this input
+            results.append((None, {'status': 'failed', 'reason': f'{cfg.name} refused the input: {exc}'}))
+    return results
+
+
 def label_batch(tasks: list[PairTask], out: Path, cfg: Any = None, prep: Any = None,
                 device: str = 'cpu') -> list[dict[str, Any]]:
-    """Label ``tasks`` in one batched NSFP optimisation; write one file per pair.
+    """Label ``tasks`` with the teacher of ``cfg`` (NSFP: one batched optimisation); one file per pair.
 
     Returns the manifest records. Data problems become ``failed`` records (see the module docstring).
     """
     from zeroflow_ros.core.preprocess import PreprocessConfig, prepare_pair
     from zeroflow_ros.data.av2 import AV2Log
 
-    from zeroflow_training.teacher.nsfp import NSFPConfig, NSFPError, run_nsfp_batch
-
-    cfg = cfg or NSFPConfig()
+    cfg = teacher_config(cfg)
     prep = prep or PreprocessConfig()
     out = Path(out)
     t0 = time.perf_counter()
@@ -275,15 +313,11 @@ def label_batch(tasks: list[PairTask], out: Path, cfg: Any = None, prep: Any = N
         todo.append((len(records) - 1, task, pair.points0, T, pp.mask0, pp.pc0, pp.pc1))
 
     if todo:
-        seeds = [pair_seed(cfg.seed, t.log_id, t.ts0) for _, t, *_ in todo]
-        try:
-            results = run_nsfp_batch([(a, b) for *_, a, b in todo], cfg, device, seeds)
-        except NSFPError as exc:
-            results = [(None, {'status': 'failed', 'reason': f'NSFP refused the input: {exc}'})] * len(todo)
+        results = _run_teachers(todo, cfg, device)
         for (i, task, points0, T, mask0, _, _), (flow, info) in zip(todo, results):
             rec = records[i]
-            for k in ('iterations', 'loss', 'forward_loss', 'stop', 'fit_points', 'nn', 'device', 'batch',
-                      'batch_seconds'):
+            rec['teacher'] = cfg.name
+            for k in INFO_KEYS:
                 if k in info:
                     rec[k] = info[k]
             rec['seconds'] = float(info.get('seconds', 0.0))
@@ -291,7 +325,7 @@ def label_batch(tasks: list[PairTask], out: Path, cfg: Any = None, prep: Any = N
                 rec['status'] = 'ok'
                 files[i] = _ok_columns(points0, T, mask0, flow)
             else:
-                rec['reason'] = info.get('reason') or 'NSFP failed'
+                rec['reason'] = info.get('reason') or f'{cfg.name} failed'
                 files[i] = _failed_columns(points0, T)
 
     wall = time.perf_counter() - t0
@@ -352,11 +386,9 @@ def _worker_label(tasks: list[PairTask], out: str, cfg_dict: dict, prep_dict: di
         _init_worker(threads)
     from zeroflow_ros.core.preprocess import PreprocessConfig
 
-    from zeroflow_training.teacher.nsfp import NSFPConfig
-    cfg_dict = dict(cfg_dict)
-    cfg_dict['betas'] = tuple(cfg_dict['betas'])
-    return label_batch(tasks, Path(out), NSFPConfig(**cfg_dict), PreprocessConfig.from_dict(prep_dict),
-                       device)
+    from zeroflow_training.teacher import TeacherConfig
+    return label_batch(tasks, Path(out), TeacherConfig.from_dict(cfg_dict),
+                       PreprocessConfig.from_dict(prep_dict), device)
 
 
 def _run_local(batches, out, cfg_dict, prep_dict, device, workers, threads) -> Iterator[list[dict]]:
@@ -420,11 +452,13 @@ def run_label(data_root: Path, split: str, out: Path, cfg: Any = None, prep: Any
               device: str = 'cpu', workers: int = 1, batch_pairs: int = 1, limit: int | None = None,
               ray_address: str | None = None, threads: int = 1, gpus_per_task: float = 0.5,
               progress: Callable[..., Any] | None = None) -> dict[str, int]:
-    """Label a split (library entry of the CLI); returns counts {done_before, ok, failed, total}."""
-    from zeroflow_ros.core.preprocess import PreprocessConfig
+    """Label a split (library entry of the CLI); returns counts {done_before, ok, failed, total}.
 
-    from zeroflow_training.teacher.nsfp import NSFPConfig
-    cfg = cfg or NSFPConfig()
+    ``cfg``: a :class:`zeroflow_training.teacher.TeacherConfig`, a bare ``NSFPConfig`` (NSFP teacher)
+    or None (the default teacher).
+    """
+    from zeroflow_ros.core.preprocess import PreprocessConfig
+    cfg = teacher_config(cfg)
     prep = prep or PreprocessConfig()
     if workers < 1 or batch_pairs < 1 or threads < 1:
         raise LabelError(f'--workers, --batch-pairs, --threads must be >= 1, '
@@ -498,6 +532,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--split', default='train', help='split folder under DATA_ROOT (default train)')
     parser.add_argument('--out', required=True, type=Path,
                         help='LABELS folder: <log_id>/<ts>.feather + manifest.jsonl')
+    from zeroflow_training.teacher import DEFAULT_TEACHER, TEACHERS
+    parser.add_argument('--teacher', default=DEFAULT_TEACHER, choices=TEACHERS,
+                        help=f'pseudo-label teacher (default {DEFAULT_TEACHER}: the best measured, see '
+                             'training/teacher/README.md); --nn/--faithful/--iters/--fit-points set '
+                             'its NSFP part')
     parser.add_argument('--workers', type=int, default=None,
                         help='local processes, or Ray CPUs with --ray local '
                              '(default: CPU count; 2 with cuda)')
@@ -523,13 +562,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from zeroflow_training.teacher.nsfp import NSFPConfig
+    """Build the :class:`TeacherConfig` of the command line (NSFP flags set the NSFP part of nsfp/hybrid)."""
+    import dataclasses
+
+    from zeroflow_training.teacher import TeacherConfig
+    from zeroflow_training.teacher.rigid import RigidConfig
+    name = getattr(args, 'teacher', 'nsfp')
+    base = TeacherConfig(name)
     kw: dict[str, Any] = {'nn': args.nn, 'seed': args.seed}
     if args.fit_points is not None:
         kw['fit_points'] = args.fit_points
     if args.iters is not None:
         kw['max_iters' if args.faithful else 'fast_max_iters'] = args.iters
-    return NSFPConfig(fast=not args.faithful, **kw)
+    nsfp = None
+    if base.nsfp is not None:
+        nsfp = dataclasses.replace(base.nsfp, fast=not args.faithful, **kw)
+    return TeacherConfig(name, rigid=RigidConfig(seed=args.seed), nsfp=nsfp, hybrid=base.hybrid)
 
 
 def run(args: argparse.Namespace) -> int:

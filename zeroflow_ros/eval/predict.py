@@ -12,6 +12,9 @@ keeps, i.e. in range and non-ground; flow of sweep t in ego0, sweep t+1 brought 
 
 * ``student``: the FastFlow3D student through :func:`zeroflow_ros.backends.create_backend`.
 * ``nsfp``: the NSFP teacher, :func:`zeroflow_training.teacher.nsfp.run_nsfp` (per-pair optimisation).
+* ``teacher``: the default pseudo-label teacher with its default settings, exactly what ``zeroflow label``
+  runs without ``--teacher`` (:data:`zeroflow_training.teacher.DEFAULT_TEACHER`, one
+  :class:`zeroflow_training.teacher.TeacherConfig`).
 * ``ego``: the static world (residual 0 everywhere).
 * ``zero``: AV2 flow 0 everywhere (the "nothing moves, not even us" baseline).
 * ``nn``: displacement to the nearest kept point of t+1 after ego compensation (scipy cKDTree).
@@ -41,7 +44,7 @@ from zeroflow_ros.eval.masks import mask_names, parse_name, read_mask
 
 log = logging.getLogger(__name__)
 
-METHODS = ('student', 'nsfp', 'ego', 'zero', 'nn')
+METHODS = ('student', 'teacher', 'nsfp', 'ego', 'zero', 'nn')
 FLOW_COLUMNS = ('flow_tx_m', 'flow_ty_m', 'flow_tz_m')
 SUBMISSION_COLUMNS = FLOW_COLUMNS + ('is_dynamic',)
 DYNAMIC_THRESHOLD_M = 0.05  # av2 SCENE_FLOW_DYNAMIC_THRESHOLD
@@ -165,6 +168,34 @@ class NSFPMethod(FlowMethod):
         return f'nsfp ({variant}, {self.config.iters} iterations max, {self.device})'
 
 
+class TeacherMethod(FlowMethod):
+    """The default teacher of ``zeroflow label`` (same config object, same defaults)."""
+
+    name = 'teacher'
+
+    def __init__(self, device: str = 'auto', preprocess: PreprocessConfig | None = None) -> None:
+        super().__init__(preprocess)
+        from zeroflow_training.teacher import TeacherConfig, run_teacher
+        self._run = run_teacher
+        self.config = TeacherConfig()
+        self.device = _resolve_device(device) if self.config.name != 'rigid' else 'cpu'
+
+    def estimate(self, points0, prep):
+        n0, n1 = len(prep.pc0), len(prep.pc1)
+        if min(n0, n1) < self.config.min_points:
+            log.warning('teacher: %d / %d scored points (< min_points %d): static-world flow for this sweep',
+                        n0, n1, self.config.min_points)
+            return MethodOutput(np.zeros((len(points0), 3), dtype=np.float32))
+        residual, _info = self._run(prep.pc0, prep.pc1, self.config, self.device)
+        residual = np.asarray(residual, dtype=np.float32)
+        if residual.shape != (n0, 3):
+            raise PredictError(f'teacher {self.config.name} returned flow {residual.shape} for {n0} points')
+        return MethodOutput(_scatter(len(points0), prep.mask0, residual))
+
+    def describe(self) -> str:
+        return f'teacher ({self.config.name}, default settings, {self.device})'
+
+
 def _resolve_device(device: str) -> str:
     if device != 'auto':
         return device
@@ -202,6 +233,8 @@ def make_method(name: str, model: str | None = None, backend: str = 'auto', devi
         return StudentMethod(resolve_default_model(model or DEFAULT_MODEL), backend, device, preprocess)
     if name == 'nsfp':
         return NSFPMethod(device, preprocess, nsfp_config)
+    if name == 'teacher':
+        return TeacherMethod(device, preprocess)
     raise PredictError(f'unknown method {name!r}; valid: {METHODS}')
 
 

@@ -1,0 +1,388 @@
+"""Rigid-object teacher: one rigid motion per moving object, everything else static.
+
+Why: NSFP's Chamfer objective snaps a point to the nearest point of the next sweep, so an object that
+moves more than its own point spacing (real vehicles move 1-3 m between sweeps) is pulled onto the
+wrong surface and keeps only part of its motion (issue #13). Registering whole objects with an
+initialisation found by voting over candidate translations, as ICP-Flow (Lin & Caesar, CVPR 2024)
+does, survives large displacements. This is our own implementation of that idea:
+
+1. **Clusters** of each sweep: connected components of occupied voxels (``voxel_xy_m`` x
+   ``voxel_z_m``, 26-connected) over the non-ground points (ground removed and range cropped by
+   :func:`zeroflow_ros.core.preprocess.prepare_pair`). Clusters longer than ``max_extent_m``
+   (buildings, fences, rows of parked cars) are static; tiny ones (< ``min_points``) too.
+2. **Translation voting** per cluster of sweep t: every (subsampled) point votes for the bird's-eye
+   displacement to every point of sweep t+1 within the reach of the fastest plausible object
+   (``max_speed_mps``), restricted to *object-sized* clusters of t+1 (walls would out-vote a car
+   driving along them). The votes are binned (``vote_bin_m``), box-smoothed, and the strongest
+   peaks are the initial translations; the zero translation is always a candidate too.
+3. **Registration**: point-to-point ICP with yaw + 3-D translation (vehicles do not roll or pitch
+   between sweeps; four degrees of freedom keep thin, partial views from tilting), trimmed
+   correspondences with a shrinking distance gate, from each initial translation. Correspondences
+   come from the object-sized points of t+1.
+4. **Acceptance**: the best candidate's truncated mean distance to sweep t+1 (all points) must beat
+   the static hypothesis (identity) by ``min_gain_ratio`` and ``min_gain_m``, with at least
+   ``min_inlier_frac`` of the object within ``inlier_m`` of sweep t+1, a plausible speed and yaw
+   rate, and a displacement of at least ``min_motion_m`` (slower objects are within the noise of
+   point-to-point registration and are called static). An accepted object's points get
+   ``R p + t - p``; every other point gets 0 (pure ego motion).
+
+Input/output as :func:`zeroflow_training.teacher.nsfp.run_nsfp`: ``pc0`` (sweep t, ego0) and ``pc1``
+(sweep t+1 brought into ego0), both ground-removed; returns *residual* flow (N,3) float32 and an
+info dict. Everything is numpy/scipy on one core; no torch.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+import numpy as np
+
+
+class RigidError(ValueError):
+    """Bad input or configuration of the rigid teacher (names the argument and what was expected)."""
+
+
+@dataclass(frozen=True)
+class RigidConfig:
+    """Every constant of the rigid teacher (see the module docstring for the role of each)."""
+
+    voxel_xy_m: float = 0.4        # clustering voxel, horizontal
+    voxel_z_m: float = 1.0         # vertical: lidar rings on a far car are far apart vertically
+    min_points: int = 8            # smaller clusters are static (too few points to register)
+    max_extent_m: float = 20.0     # longer than an articulated bus: static structure
+    max_speed_mps: float = 40.0    # plausibility gate and reach of the voting
+    max_yaw_rate: float = 1.5      # rad/s; a car turning at 25 m/s on a 30 m radius turns 0.83 rad/s
+    max_dz_m: float = 0.4          # vertical motion per sweep (a 10 % grade at 40 m/s); more is a bad match
+    min_yaw_extent_m: float = 1.5  # smaller objects (pedestrians, poles) get translation only
+    max_stolen_frac: float = 0.5   # of the matched t+1 points already explained by other clusters of t
+    frame_dt_s: float = 0.1        # sweep interval when the caller gives none (AV2: 10 Hz)
+    vote_bin_m: float = 0.2        # translation histogram cell
+    vote_src: int = 96             # points of the cluster that vote
+    vote_dst: int = 1500           # points of sweep t+1 voted for (random subset of the reach)
+    vote_peaks: int = 2            # strongest histogram peaks tried as initial translations
+    icp_points: int = 300          # points of the cluster registered (the motion then moves all)
+    icp_iters: int = 20
+    icp_gate_m: tuple[float, float] = (0.8, 0.25)  # correspondence gate, from first to last iteration
+    inlier_m: float = 0.25         # truncation of the fit cost, and the inlier distance
+    min_inlier_frac: float = 0.5   # of the cluster within inlier_m of sweep t+1 after the motion
+    min_gain_ratio: float = 0.5    # moved cost <= ratio * static cost
+    min_gain_m: float = 0.02       # and at least this much lower (m)
+    min_motion_m: float = 0.05     # smaller displacements are static (registration noise)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == 'icp_gate_m':
+                ok = len(v) == 2 and all(np.isfinite(x) and x > 0 for x in v)
+            elif f.name == 'seed':
+                ok = isinstance(v, (int, np.integer))
+            else:
+                ok = isinstance(v, (int, float, np.number)) and np.isfinite(v) and v > 0
+            if not ok:
+                raise RigidError(f'RigidConfig.{f.name}: expected a positive number'
+                                 f'{" pair" if f.name == "icp_gate_m" else ""}, got {v!r}')
+        if self.min_inlier_frac > 1 or self.min_gain_ratio > 1:
+            raise RigidError(f'RigidConfig: min_inlier_frac and min_gain_ratio must be <= 1, got '
+                             f'{self.min_inlier_frac}, {self.min_gain_ratio}')
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> 'RigidConfig':
+        """Build from a plain dict; unknown keys raise and list the valid ones."""
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        extra = sorted(set(d) - known)
+        if extra:
+            raise RigidError(f'RigidConfig: unknown keys {extra}; valid: {sorted(known)}')
+        if 'icp_gate_m' in d:
+            d['icp_gate_m'] = tuple(float(v) for v in d['icp_gate_m'])
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out['icp_gate_m'] = list(self.icp_gate_m)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# clustering
+
+_FORWARD_OFFSETS = np.array([(dx, dy, dz) for dx in (-1, 0, 1) for dy in (-1, 0, 1) for dz in (-1, 0, 1)
+                             if (dx, dy, dz) > (0, 0, 0)], dtype=np.int64)
+
+
+def voxel_clusters(points: np.ndarray, cell_xy: float, cell_z: float) -> np.ndarray:
+    """(N,) cluster id (0..K-1) of every point: 26-connected components of occupied voxels."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    n = len(points)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    ijk = np.floor(np.asarray(points, dtype=np.float64)[:, :3] / (cell_xy, cell_xy, cell_z)).astype(np.int64)
+    ijk -= ijk.min(axis=0) - 1  # >= 1, so every neighbour offset stays >= 0
+    dims = ijk.max(axis=0) + 2
+    key = (ijk[:, 0] * dims[1] + ijk[:, 1]) * dims[2] + ijk[:, 2]
+    vox, point_vox = np.unique(key, return_inverse=True)
+    rows, cols = [], []
+    for d in _FORWARD_OFFSETS:
+        nb = vox + (d[0] * dims[1] + d[1]) * dims[2] + d[2]
+        j = np.searchsorted(vox, nb)
+        j = np.minimum(j, len(vox) - 1)
+        hit = vox[j] == nb
+        rows.append(np.flatnonzero(hit))
+        cols.append(j[hit])
+    r = np.concatenate(rows)
+    c = np.concatenate(cols)
+    graph = coo_matrix((np.ones(len(r), dtype=np.int8), (r, c)), shape=(len(vox), len(vox)))
+    _, comp = connected_components(graph, directed=False)
+    return comp[point_vox.reshape(-1)].astype(np.int64)
+
+
+def _groups(labels: np.ndarray) -> list[np.ndarray]:
+    """Split point indices by label (one index array per label)."""
+    if len(labels) == 0:
+        return []
+    order = np.argsort(labels, kind='stable')
+    cut = np.flatnonzero(np.diff(labels[order])) + 1
+    return np.split(order, cut)
+
+
+def _extent_xy(points: np.ndarray) -> float:
+    xy = points[:, :2]
+    return float(np.linalg.norm(xy.max(axis=0) - xy.min(axis=0)))
+
+
+# ----------------------------------------------------------------------------------------------
+# registration
+
+def yaw_matrix(yaw: float) -> np.ndarray:
+    c, s = np.cos(yaw), np.sin(yaw)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def fit_yaw_translation(src: np.ndarray, dst: np.ndarray) -> tuple[float, np.ndarray]:
+    """Least-squares yaw + 3-D translation mapping ``src`` onto ``dst`` (2-D Kabsch in xy, mean in z)."""
+    cs, cd = src.mean(axis=0), dst.mean(axis=0)
+    a, b = src[:, :2] - cs[:2], dst[:, :2] - cd[:2]
+    sxx = float((a[:, 0] * b[:, 0] + a[:, 1] * b[:, 1]).sum())
+    sxy = float((a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]).sum())
+    yaw = float(np.arctan2(sxy, sxx))
+    t = cd - yaw_matrix(yaw) @ cs
+    return yaw, t
+
+
+def icp_yaw(src: np.ndarray, tree, target: np.ndarray, t0: np.ndarray, iters: int,
+            gates: tuple[float, float], with_yaw: bool = True) -> tuple[float, np.ndarray]:
+    """Trimmed point-to-point ICP (yaw + translation, or translation only) from ``t0``; returns (yaw, t)."""
+    yaw, t = 0.0, np.asarray(t0, dtype=np.float64).copy()
+    g0, g1 = gates
+    for k in range(iters):
+        gate = g0 + (g1 - g0) * k / max(1, iters - 1)
+        moved = src @ yaw_matrix(yaw).T + t
+        dist, idx = tree.query(moved, k=1, distance_upper_bound=gate)
+        ok = np.isfinite(dist)
+        if ok.sum() < 3:
+            break
+        if with_yaw:
+            new_yaw, new_t = fit_yaw_translation(src[ok], target[idx[ok]])
+        else:
+            new_yaw, new_t = 0.0, (target[idx[ok]] - src[ok]).mean(axis=0)
+        done = abs(new_yaw - yaw) < 1e-4 and float(np.abs(new_t - t).max()) < 1e-3
+        yaw, t = new_yaw, new_t
+        if done and k >= 2:
+            break
+    return yaw, t
+
+
+def vote_translations(src: np.ndarray, dst: np.ndarray, reach: float, cfg: RigidConfig) -> list[np.ndarray]:
+    """Strongest candidate bird's-eye translations src -> dst (histogram voting), best first."""
+    from scipy.ndimage import maximum_filter, uniform_filter
+    if len(src) == 0 or len(dst) == 0:
+        return []
+    d = (dst[None, :, :2] - src[:, None, :2]).reshape(-1, 2)
+    dz = (dst[None, :, 2] - src[:, None, 2]).reshape(-1)
+    nb = int(np.ceil(reach / cfg.vote_bin_m))
+    ij = np.floor(d / cfg.vote_bin_m + 0.5).astype(np.int64) + nb
+    keep = ((ij >= 0) & (ij <= 2 * nb)).all(axis=1)
+    ij, d, dz = ij[keep], d[keep], dz[keep]
+    if len(ij) == 0:
+        return []
+    size = 2 * nb + 1
+    flat = ij[:, 0] * size + ij[:, 1]
+    hist = np.bincount(flat, minlength=size * size).reshape(size, size).astype(np.float64)
+    # A true displacement spreads over neighbouring cells (sampling differs between sweeps).
+    smooth = uniform_filter(hist, size=3, mode='constant')
+    peaks = (smooth == maximum_filter(smooth, size=5, mode='constant')) & (smooth > 0)
+    cand = np.flatnonzero(peaks.ravel())
+    cand = cand[np.argsort(-smooth.ravel()[cand], kind='stable')][:cfg.vote_peaks]
+    out = []
+    for c in cand:
+        ci, cj = divmod(int(c), size)
+        near = (np.abs(ij[:, 0] - ci) <= 1) & (np.abs(ij[:, 1] - cj) <= 1)
+        if not near.any():  # a peak of float round-off in the smoothed histogram
+            continue
+        out.append(np.array([d[near, 0].mean(), d[near, 1].mean(), float(np.median(dz[near]))]))
+    return out
+
+
+def _fit_cost(points: np.ndarray, tree, trunc: float) -> tuple[float, float]:
+    """(mean truncated NN distance, fraction within ``trunc``) of ``points`` to a tree's cloud."""
+    dist, _ = tree.query(points, k=1, distance_upper_bound=trunc)
+    inl = np.isfinite(dist)
+    return float(np.where(inl, dist, trunc).mean()), float(inl.mean())
+
+
+# ----------------------------------------------------------------------------------------------
+# the teacher
+
+@dataclass
+class RigidResult:
+    flow: np.ndarray        # (N,3) float32 residual flow of pc0
+    cluster: np.ndarray     # (N,) int64 cluster id of every point of pc0
+    moving: np.ndarray      # (N,) bool, point belongs to an accepted moving object
+    candidate: np.ndarray   # (N,) bool, point belongs to a cluster that was registered at all
+    info: dict[str, Any]
+
+
+class _Scene:
+    """Both sweeps as the registration sees them: t+1 (all points, object-sized ones) and t's clusters."""
+
+    def __init__(self, pc0: np.ndarray, cluster0: np.ndarray, pc1: np.ndarray, cfg: RigidConfig) -> None:
+        from scipy.spatial import cKDTree
+        self.tree0 = cKDTree(pc0)
+        self.cluster0 = cluster0
+        self.tree_all = cKDTree(pc1)
+        labels = voxel_clusters(pc1, cfg.voxel_xy_m, cfg.voxel_z_m)
+        keep = np.zeros(len(pc1), dtype=bool)
+        for idx in _groups(labels):
+            if len(idx) >= 3 and _extent_xy(pc1[idx]) <= cfg.max_extent_m:
+                keep[idx] = True
+        self.obj = pc1[keep]
+        self.tree_obj = cKDTree(self.obj) if len(self.obj) else None
+        self.tree_obj_xy = cKDTree(self.obj[:, :2]) if len(self.obj) else None
+
+    def stolen_fraction(self, moved: np.ndarray, own: int, trunc: float) -> float:
+        """Fraction of the t+1 points matched by ``moved`` that another cluster of t explains standing still.
+
+        A thin pole missed at t+1 would otherwise "move" onto its neighbour; a real mover lands where
+        nothing stood at t (or where its own points stood).
+        """
+        dist, idx = self.tree_all.query(moved, k=1, distance_upper_bound=trunc)
+        hit = np.unique(idx[np.isfinite(dist)])
+        if len(hit) == 0:
+            return 1.0
+        q = self.tree_all.data[hit]
+        d0, i0 = self.tree0.query(q, k=4, distance_upper_bound=trunc)
+        other = np.isfinite(d0) & (self.cluster0[np.minimum(i0, len(self.cluster0) - 1)] != own)
+        return float(other.any(axis=1).mean())
+
+
+def _subsample(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    if len(points) <= k:
+        return points
+    return points[rng.choice(len(points), k, replace=False)]
+
+
+def _best_motion(src: np.ndarray, starts: list[np.ndarray], scene: _Scene, cfg: RigidConfig,
+                 with_yaw: bool) -> tuple[float, float, np.ndarray, float]:
+    """(cost, yaw, t, inlier fraction) of the best ICP result over the initial translations."""
+    best = (np.inf, 0.0, np.zeros(3), 0.0)
+    for t0 in starts:
+        yaw, t = icp_yaw(src, scene.tree_obj, scene.obj, t0, cfg.icp_iters, cfg.icp_gate_m, with_yaw)
+        cost, inl = _fit_cost(src @ yaw_matrix(yaw).T + t, scene.tree_all, cfg.inlier_m)
+        if cost < best[0]:
+            best = (cost, yaw, t, inl)
+    return best
+
+
+def register_cluster(pts: np.ndarray, own: int, scene: _Scene, cfg: RigidConfig, dt: float,
+                     rng: np.random.Generator) -> tuple[float, np.ndarray, str]:
+    """Best rigid motion (yaw, t) of cluster ``own`` of sweep t, or (0, 0, reason) when it stays static."""
+    zero = np.zeros(3)
+    if scene.tree_obj is None:
+        return 0.0, zero, 'no object-sized points in sweep t+1'
+    reach = cfg.max_speed_mps * dt
+    centre = pts.mean(axis=0)
+    radius = float(np.linalg.norm(pts[:, :2] - centre[:2], axis=1).max())
+    near = scene.tree_obj_xy.query_ball_point(centre[:2], reach + radius + cfg.vote_bin_m)
+    if len(near) < 3:
+        return 0.0, zero, 'nothing within reach in sweep t+1'
+    dst = _subsample(scene.obj[np.asarray(near)], cfg.vote_dst, rng)
+    src = _subsample(pts, cfg.icp_points, rng)
+    starts = vote_translations(_subsample(src, cfg.vote_src, rng), dst, reach, cfg) + [zero]
+    static_cost, _ = _fit_cost(src, scene.tree_all, cfg.inlier_m)
+    with_yaw = _extent_xy(pts) >= cfg.min_yaw_extent_m
+    cost, yaw, t, inl = _best_motion(src, starts, scene, cfg, with_yaw)
+    step = yaw_matrix(yaw) @ centre + t - centre
+    motion = float(np.linalg.norm(step))
+    if motion < cfg.min_motion_m:
+        return 0.0, zero, 'static: best motion below min_motion_m'
+    if motion > reach or abs(yaw) > cfg.max_yaw_rate * dt or abs(step[2]) > cfg.max_dz_m:
+        return 0.0, zero, 'implausible speed, yaw rate or vertical motion'
+    if inl < cfg.min_inlier_frac:
+        return 0.0, zero, 'poor fit (too few inliers)'
+    if cost > cfg.min_gain_ratio * static_cost or static_cost - cost < cfg.min_gain_m:
+        return 0.0, zero, 'static: motion does not explain sweep t+1 better than no motion'
+    if scene.stolen_fraction(src @ yaw_matrix(yaw).T + t, own, cfg.inlier_m) > cfg.max_stolen_frac:
+        return 0.0, zero, 'static: its match at t+1 is another object of t standing still'
+    return yaw, t, 'moving'
+
+
+def _check_cloud(name: str, pc: Any) -> np.ndarray:
+    a = np.asarray(pc)
+    if a.ndim != 2 or a.shape[1] != 3 or not np.issubdtype(a.dtype, np.floating):
+        raise RigidError(f'{name}: expected an (N,3) float array, got shape {a.shape} dtype {a.dtype}')
+    if not np.isfinite(a).all():
+        raise RigidError(f'{name}: {int((~np.isfinite(a)).any(axis=1).sum())} non-finite points')
+    return a.astype(np.float64)
+
+
+def rigid_objects(pc0: np.ndarray, pc1: np.ndarray, cfg: RigidConfig | None = None,
+                  dt: float | None = None, seed: int | None = None) -> RigidResult:
+    """Run the rigid teacher and keep its per-point bookkeeping (clusters, accepted objects)."""
+    cfg = cfg or RigidConfig()
+    t_start = time.perf_counter()
+    p0 = _check_cloud('pc0', pc0)
+    p1 = _check_cloud('pc1', pc1)
+    dt = cfg.frame_dt_s if dt is None else float(dt)
+    if not (np.isfinite(dt) and dt > 0):
+        raise RigidError(f'dt: expected a positive sweep interval in seconds, got {dt!r}')
+    n = len(p0)
+    flow = np.zeros((n, 3), dtype=np.float32)
+    moving = np.zeros(n, dtype=bool)
+    candidate = np.zeros(n, dtype=bool)
+    cluster = voxel_clusters(p0, cfg.voxel_xy_m, cfg.voxel_z_m)
+    info: dict[str, Any] = {'status': 'ok', 'reason': '', 'points': n, 'clusters': 0, 'registered': 0,
+                            'moving_objects': 0}
+    if n == 0 or len(p1) == 0:
+        info['seconds'] = time.perf_counter() - t_start
+        return RigidResult(flow, cluster, moving, candidate, info)
+    scene = _Scene(p0, cluster, p1, cfg)
+    rng = np.random.default_rng(cfg.seed if seed is None else seed)
+    groups = _groups(cluster)
+    info['clusters'] = len(groups)
+    for idx in groups:
+        pts = p0[idx]
+        if len(idx) < cfg.min_points or _extent_xy(pts) > cfg.max_extent_m:
+            continue
+        candidate[idx] = True
+        info['registered'] += 1
+        yaw, t, verdict = register_cluster(pts, int(cluster[idx[0]]), scene, cfg, dt, rng)
+        if verdict == 'moving':
+            flow[idx] = (pts @ yaw_matrix(yaw).T + t - pts).astype(np.float32)
+            moving[idx] = True
+            info['moving_objects'] += 1
+    info['seconds'] = time.perf_counter() - t_start
+    return RigidResult(flow, cluster, moving, candidate, info)
+
+
+def run_rigid(pc0: np.ndarray, pc1: np.ndarray, cfg: RigidConfig | None = None, dt: float | None = None,
+              seed: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Residual flow (N,3) float32 of ``pc0`` towards ``pc1`` (both ego0, ground removed) and an info dict.
+
+    ``dt`` is the sweep interval in seconds (default ``cfg.frame_dt_s``); it scales the speed limits.
+    Raises :class:`RigidError` on bad input.
+    """
+    res = rigid_objects(pc0, pc1, cfg, dt, seed)
+    return res.flow, res.info
