@@ -225,7 +225,7 @@ def _base_record(task: PairTask) -> dict[str, Any]:
 
 
 INFO_KEYS = ('iterations', 'loss', 'forward_loss', 'stop', 'fit_points', 'nn', 'device', 'batch',
-             'batch_seconds', 'teacher', 'clusters', 'registered', 'moving_objects', 'nsfp_points')
+             'batch_seconds', 'teacher', 'clusters', 'registered', 'moving_objects', 'adopted', 'nsfp_points')
 
 
 def teacher_config(cfg: Any):

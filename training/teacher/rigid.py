@@ -69,6 +69,7 @@ class RigidConfig:
     min_gain_ratio: float = 0.5    # moved cost <= ratio * static cost
     min_gain_m: float = 0.02       # and at least this much lower (m)
     min_motion_m: float = 0.05     # smaller displacements are static (registration noise)
+    adopt_m: float = 1.0           # an unaccepted fragment this close to a mover may take its motion
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -201,11 +202,10 @@ def vote_translations(src: np.ndarray, dst: np.ndarray, reach: float, cfg: Rigid
     if len(src) == 0 or len(dst) == 0:
         return []
     d = (dst[None, :, :2] - src[:, None, :2]).reshape(-1, 2)
-    dz = (dst[None, :, 2] - src[:, None, 2]).reshape(-1)
     nb = int(np.ceil(reach / cfg.vote_bin_m))
     ij = np.floor(d / cfg.vote_bin_m + 0.5).astype(np.int64) + nb
     keep = ((ij >= 0) & (ij <= 2 * nb)).all(axis=1)
-    ij, d, dz = ij[keep], d[keep], dz[keep]
+    ij, d = ij[keep], d[keep]
     if len(ij) == 0:
         return []
     size = 2 * nb + 1
@@ -222,7 +222,8 @@ def vote_translations(src: np.ndarray, dst: np.ndarray, reach: float, cfg: Rigid
         near = (np.abs(ij[:, 0] - ci) <= 1) & (np.abs(ij[:, 1] - cj) <= 1)
         if not near.any():  # a peak of float round-off in the smoothed histogram
             continue
-        out.append(np.array([d[near, 0].mean(), d[near, 1].mean(), float(np.median(dz[near]))]))
+        # Height is left to the ICP: votes pair points at any height, so their dz is noise.
+        out.append(np.array([d[near, 0].mean(), d[near, 1].mean(), 0.0]))
     return out
 
 
@@ -284,12 +285,25 @@ def _subsample(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarr
     return points[rng.choice(len(points), k, replace=False)]
 
 
+def _plausible(step: np.ndarray, yaw: float, cfg: RigidConfig, dt: float) -> bool:
+    return bool(np.linalg.norm(step) <= cfg.max_speed_mps * dt and abs(yaw) <= cfg.max_yaw_rate * dt
+                and abs(step[2]) <= cfg.max_dz_m)
+
+
 def _best_motion(src: np.ndarray, starts: list[np.ndarray], scene: _Scene, cfg: RigidConfig,
-                 with_yaw: bool) -> tuple[float, float, np.ndarray, float]:
-    """(cost, yaw, t, inlier fraction) of the best ICP result over the initial translations."""
+                 dt: float, with_yaw: bool) -> tuple[float, float, np.ndarray, float]:
+    """(cost, yaw, t, inlier fraction) of the best plausible ICP result over the initial translations.
+
+    Implausible results (too fast, turning too fast, jumping vertically: e.g. a car's lower half
+    matched onto its own roof) are dropped before the choice, not after, so they cannot hide a
+    slightly worse but plausible fit.
+    """
     best = (np.inf, 0.0, np.zeros(3), 0.0)
+    centre = src.mean(axis=0)
     for t0 in starts:
         yaw, t = icp_yaw(src, scene.tree_obj, scene.obj, t0, cfg.icp_iters, cfg.icp_gate_m, with_yaw)
+        if not _plausible(yaw_matrix(yaw) @ centre + t - centre, yaw, cfg, dt):
+            continue
         cost, inl = _fit_cost(src @ yaw_matrix(yaw).T + t, scene.tree_all, cfg.inlier_m)
         if cost < best[0]:
             best = (cost, yaw, t, inl)
@@ -313,13 +327,12 @@ def register_cluster(pts: np.ndarray, own: int, scene: _Scene, cfg: RigidConfig,
     starts = vote_translations(_subsample(src, cfg.vote_src, rng), dst, reach, cfg) + [zero]
     static_cost, _ = _fit_cost(src, scene.tree_all, cfg.inlier_m)
     with_yaw = _extent_xy(pts) >= cfg.min_yaw_extent_m
-    cost, yaw, t, inl = _best_motion(src, starts, scene, cfg, with_yaw)
-    step = yaw_matrix(yaw) @ centre + t - centre
-    motion = float(np.linalg.norm(step))
+    cost, yaw, t, inl = _best_motion(src, starts, scene, cfg, dt, with_yaw)
+    if not np.isfinite(cost):
+        return 0.0, zero, 'no plausible motion (speed, yaw rate, vertical motion)'
+    motion = float(np.linalg.norm(yaw_matrix(yaw) @ centre + t - centre))
     if motion < cfg.min_motion_m:
         return 0.0, zero, 'static: best motion below min_motion_m'
-    if motion > reach or abs(yaw) > cfg.max_yaw_rate * dt or abs(step[2]) > cfg.max_dz_m:
-        return 0.0, zero, 'implausible speed, yaw rate or vertical motion'
     if inl < cfg.min_inlier_frac:
         return 0.0, zero, 'poor fit (too few inliers)'
     if cost > cfg.min_gain_ratio * static_cost or static_cost - cost < cfg.min_gain_m:
@@ -327,6 +340,39 @@ def register_cluster(pts: np.ndarray, own: int, scene: _Scene, cfg: RigidConfig,
     if scene.stolen_fraction(src @ yaw_matrix(yaw).T + t, own, cfg.inlier_m) > cfg.max_stolen_frac:
         return 0.0, zero, 'static: its match at t+1 is another object of t standing still'
     return yaw, t, 'moving'
+
+
+def adopt_fragments(p0: np.ndarray, groups: list[np.ndarray], motions: list, flow: np.ndarray,
+                    moving: np.ndarray, scene: _Scene, cfg: RigidConfig) -> int:
+    """Give unaccepted clusters near an accepted mover its motion when it fits them better than none.
+
+    Lidar breaks one vehicle into pieces (windows, sparse far rings); a lone piece (a vertical stripe
+    of a bus side) has no shape to register, but it moves with the body beside it. The fragment takes
+    the neighbour's motion only if that motion brings it closer to sweep t+1 than standing still and
+    lands at least half of it within ``inlier_m``; a pole next to a passing car stays put.
+    """
+    from scipy.spatial import cKDTree
+    if not motions:
+        return 0
+    owner = np.concatenate([np.full(len(idx), k) for k, (idx, _, _) in enumerate(motions)])
+    tree = cKDTree(np.concatenate([p0[idx, :2] for idx, _, _ in motions]))
+    adopted = 0
+    for idx in groups:
+        if moving[idx[0]] or _extent_xy(p0[idx]) > cfg.max_extent_m:
+            continue
+        dist, j = tree.query(p0[idx, :2], k=1, distance_upper_bound=cfg.adopt_m)
+        if not np.isfinite(dist).any():
+            continue
+        _, yaw, t = motions[owner[j[np.argmin(dist)]]]
+        pts = p0[idx]
+        moved = pts @ yaw_matrix(yaw).T + t
+        cost, inl = _fit_cost(moved, scene.tree_all, cfg.inlier_m)
+        static_cost, _ = _fit_cost(pts, scene.tree_all, cfg.inlier_m)
+        if inl >= cfg.min_inlier_frac and cost < static_cost:
+            flow[idx] = (moved - pts).astype(np.float32)
+            moving[idx] = True
+            adopted += 1
+    return adopted
 
 
 def _check_cloud(name: str, pc: Any) -> np.ndarray:
@@ -354,7 +400,7 @@ def rigid_objects(pc0: np.ndarray, pc1: np.ndarray, cfg: RigidConfig | None = No
     candidate = np.zeros(n, dtype=bool)
     cluster = voxel_clusters(p0, cfg.voxel_xy_m, cfg.voxel_z_m)
     info: dict[str, Any] = {'status': 'ok', 'reason': '', 'points': n, 'clusters': 0, 'registered': 0,
-                            'moving_objects': 0}
+                            'moving_objects': 0, 'adopted': 0}
     if n == 0 or len(p1) == 0:
         info['seconds'] = time.perf_counter() - t_start
         return RigidResult(flow, cluster, moving, candidate, info)
@@ -362,6 +408,7 @@ def rigid_objects(pc0: np.ndarray, pc1: np.ndarray, cfg: RigidConfig | None = No
     rng = np.random.default_rng(cfg.seed if seed is None else seed)
     groups = _groups(cluster)
     info['clusters'] = len(groups)
+    motions = []
     for idx in groups:
         pts = p0[idx]
         if len(idx) < cfg.min_points or _extent_xy(pts) > cfg.max_extent_m:
@@ -372,7 +419,9 @@ def rigid_objects(pc0: np.ndarray, pc1: np.ndarray, cfg: RigidConfig | None = No
         if verdict == 'moving':
             flow[idx] = (pts @ yaw_matrix(yaw).T + t - pts).astype(np.float32)
             moving[idx] = True
-            info['moving_objects'] += 1
+            motions.append((idx, yaw, t))
+    info['moving_objects'] = len(motions)
+    info['adopted'] = adopt_fragments(p0, groups, motions, flow, moving, scene, cfg)
     info['seconds'] = time.perf_counter() - t_start
     return RigidResult(flow, cluster, moving, candidate, info)
 
