@@ -2,8 +2,10 @@
 
 * KITTI velodyne ``.bin``: little-endian float32 rows ``x, y, z, reflectance``.
 * PCD v0.7 (PCL): ``DATA ascii``, ``binary`` (interleaved records) and ``binary_compressed``
-  (one LZF block holding the fields column by column). Any ``FIELDS``/``SIZE``/``TYPE``/``COUNT``;
-  fields with ``COUNT > 1`` come back as (N, count) arrays; padding fields named ``_`` are dropped.
+  (one LZF block holding the fields column by column), decoded by ``pypcd4`` (liblzf through
+  ``python-neo-lzf``); the header is checked here first so that bad or truncated files name what is
+  wrong. Any ``FIELDS``/``SIZE``/``TYPE``/``COUNT``; fields with ``COUNT > 1`` come back as
+  (N, count) arrays; padding fields named ``_`` are dropped.
 * Pose files, KITTI style: one row-major 3x4 ``[R|t]`` per line (12 numbers), optionally preceded
   by a name (``<name> r11 ... t3``, as in the PJLab sample). Poses map sweep points into the world.
 
@@ -73,54 +75,35 @@ def write_kitti_bin(path: Path, points: np.ndarray, intensity: np.ndarray | None
 # ----------------------------------------------------------------------------------------- LZF
 
 def lzf_decompress(src: bytes, out_len: int, *, name: str = 'LZF block') -> bytes:
-    """Decompress an LZF block (liblzf format, as PCL writes it) of known output size."""
-    out = bytearray(out_len)
-    i = o = 0
-    n = len(src)
+    """Decompress an LZF block (liblzf format, as PCL writes it) of known output size, with liblzf."""
+    import lzf
     try:
-        while i < n:
-            ctrl = src[i]
-            i += 1
-            if ctrl < 32:
-                ln = ctrl + 1
-                if i + ln > n or o + ln > out_len:
-                    raise SweepError(f'{name}: literal run past the end of the data (corrupt or truncated)')
-                out[o:o + ln] = src[i:i + ln]
-                i += ln
-                o += ln
-            else:
-                ln = ctrl >> 5
-                if ln == 7:
-                    ln += src[i]
-                    i += 1
-                ref = o - ((ctrl & 0x1F) << 8) - src[i] - 1
-                i += 1
-                ln += 2
-                if ref < 0 or o + ln > out_len:
-                    raise SweepError(f'{name}: back-reference out of range (corrupt or truncated)')
-                if ref + ln <= o:
-                    out[o:o + ln] = out[ref:ref + ln]
-                else:
-                    # Overlapping copy repeats the last (o - ref) bytes: a run.
-                    period = out[ref:o]
-                    reps = -(-ln // len(period))
-                    out[o:o + ln] = (period * reps)[:ln]
-                o += ln
-    except IndexError:
-        raise SweepError(f'{name}: ends inside a back-reference (corrupt or truncated)') from None
-    if o != out_len:
-        raise SweepError(f'{name}: decompressed to {o} bytes, header says {out_len}')
-    return bytes(out)
+        out = lzf.decompress(bytes(src), int(out_len))
+    except ValueError:
+        # liblzf says EINVAL for both faults and cannot tell which one it met.
+        raise SweepError(f'{name}: corrupt or truncated LZF data (a back-reference out of range or a '
+                         'literal run past the end)') from None
+    if out is None:
+        raise SweepError(f'{name}: decompresses to more than the {out_len} bytes the header says')
+    if len(out) != out_len:
+        raise SweepError(f'{name}: decompressed to {len(out)} bytes, header says {out_len}')
+    return out
 
 
 def lzf_compress_literal(data: bytes) -> bytes:
-    """Encode ``data`` as a valid LZF stream of literal runs only (no compression; for writing PCDs)."""
+    """Encode ``data`` as a valid LZF stream of literal runs only (for data liblzf cannot shrink)."""
     out = bytearray()
     for k in range(0, len(data), 32):
         chunk = data[k:k + 32]
         out.append(len(chunk) - 1)
         out += chunk
     return bytes(out)
+
+
+def _lzf_compress(data: bytes) -> bytes:
+    import lzf
+    packed = lzf.compress(data)
+    return lzf_compress_literal(data) if packed is None else packed
 
 
 # ----------------------------------------------------------------------------------------- PCD
@@ -147,86 +130,113 @@ def _parse_pcd_header(path: Path, raw: bytes) -> tuple[dict[str, list[str]], int
             raise SweepError(f'{path}: no DATA line within the first 64 header entries (not a PCD file?)')
 
 
-def read_pcd(path: Path) -> Sweep:
-    """Read a PCD file (ascii, binary or binary_compressed); x, y, z fields required."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise SweepError(f'{path}: cannot read ({exc})') from None
-    hdr, pos = _parse_pcd_header(path, raw)
+def _pcd_metadata(path: Path, hdr: dict[str, list[str]]):
+    """pypcd4 ``MetaData`` from the header, PCL's defaults filled in (COUNT 1, WIDTH = POINTS)."""
+    from pypcd4.pypcd4 import MetaData
     for key in ('FIELDS', 'SIZE', 'TYPE'):
         if key not in hdr:
             raise SweepError(f'{path}: PCD header lacks {key}')
-    names = hdr['FIELDS']
-    sizes = [int(s) for s in hdr['SIZE']]
-    types = [t.upper() for t in hdr['TYPE']]
-    counts = [int(c) for c in hdr.get('COUNT', ['1'] * len(names))]
+    names, sizes, types = hdr['FIELDS'], hdr['SIZE'], [t.upper() for t in hdr['TYPE']]
+    counts = hdr.get('COUNT', ['1'] * len(names))
     if not len(names) == len(sizes) == len(types) == len(counts):
         raise SweepError(f'{path}: FIELDS/SIZE/TYPE/COUNT have different lengths '
                          f'({len(names)}, {len(sizes)}, {len(types)}, {len(counts)})')
+    bad = [(t, s) for t, s in zip(types, sizes) if (t, int(s) if s.isdigit() else s) not in _PCD_TYPES]
+    if bad:
+        raise SweepError(f'{path}: unsupported TYPE/SIZE {bad[0]} (expected F4/F8/U1-8/I1-8)')
     try:
-        dts = [np.dtype(_PCD_TYPES[(t, s)]) for t, s in zip(types, sizes)]
-    except KeyError as exc:
-        raise SweepError(f'{path}: unsupported TYPE/SIZE {exc.args[0]} (expected F4/F8/U1-8/I1-8)') from None
-    if 'POINTS' in hdr:
-        n = int(hdr['POINTS'][0])
-    else:
-        n = int(hdr.get('WIDTH', ['0'])[0]) * int(hdr.get('HEIGHT', ['1'])[0])
-    mode = hdr['DATA'][0].lower() if hdr['DATA'] else ''
-    cols: dict[str, np.ndarray] = {}
-    if mode == 'ascii':
-        text = raw[pos:].decode('ascii', errors='replace').split()
-        width = sum(counts)
-        if len(text) < n * width:
-            raise SweepError(
-                f'{path}: ascii data has {len(text)} values, expected {n} x {width} (truncated?)')
-        vals = np.array(text[:n * width], dtype=np.float64).reshape(n, width)
-        k = 0
-        for name, dt, c in zip(names, dts, counts):
-            cols[name] = vals[:, k:k + c].astype(dt) if c > 1 else vals[:, k].astype(dt)
-            k += c
-    elif mode == 'binary':
-        rec = np.dtype([(f'f{i}', dt, (c,)) for i, (dt, c) in enumerate(zip(dts, counts))])
-        if len(raw) - pos < n * rec.itemsize:
-            raise SweepError(f'{path}: binary data has {len(raw) - pos} bytes, expected {n} x {rec.itemsize} '
-                             '(truncated?)')
-        arr = np.frombuffer(raw, rec, count=n, offset=pos)
-        for i, (name, c) in enumerate(zip(names, counts)):
-            v = arr[f'f{i}']
-            cols[name] = v.copy() if c > 1 else v[:, 0].copy()
-    elif mode == 'binary_compressed':
+        height = int(hdr.get('HEIGHT', ['1'])[0])
+        points = int(hdr['POINTS'][0]) if 'POINTS' in hdr else int(hdr.get('WIDTH', ['0'])[0]) * height
+        mode = hdr['DATA'][0].lower() if hdr['DATA'] else ''
+        if mode not in ('ascii', 'binary', 'binary_compressed'):
+            raise SweepError(f'{path}: DATA {mode!r} not supported '
+                             '(expected ascii, binary or binary_compressed)')
+        # Padding fields ('_') get unique names: pypcd4 wants distinct ones.
+        fields = [f'zf_padding_{i}' if n == '_' else n for i, n in enumerate(names)]
+        return MetaData.model_validate({
+            'fields': fields, 'size': [int(s) for s in sizes], 'type': types,
+            'count': [int(c) for c in counts], 'points': points,
+            'width': int(hdr.get('WIDTH', [str(points)])[0]), 'height': height, 'data': mode})
+    except (ValueError, IndexError) as exc:
+        if isinstance(exc, SweepError):
+            raise
+        raise SweepError(f'{path}: malformed PCD header ({str(exc).splitlines()[0]})') from None
+
+
+def _check_pcd_size(path: Path, meta, raw: bytes, pos: int) -> None:
+    """Name the truncation before decoding: pypcd4 would read a short block as fewer points."""
+    n, rec = meta.points, meta.build_dtype().itemsize
+    if meta.data.value == 'binary' and len(raw) - pos < n * rec:
+        raise SweepError(f'{path}: binary data has {len(raw) - pos} bytes, expected {n} x {rec} (truncated?)')
+    if meta.data.value == 'binary_compressed' and n:
         if len(raw) - pos < 8:
             raise SweepError(f'{path}: binary_compressed data lacks its 8-byte size header (truncated?)')
         csize, usize = (int(v) for v in np.frombuffer(raw, '<u4', count=2, offset=pos))
         if len(raw) - pos - 8 < csize:
             raise SweepError(f'{path}: compressed block has {len(raw) - pos - 8} bytes, header says {csize} '
                              '(truncated?)')
-        expect = n * sum(dt.itemsize * c for dt, c in zip(dts, counts))
-        if usize != expect:
-            raise SweepError(f'{path}: uncompressed size {usize} != {n} points x record size ({expect})')
-        buf = lzf_decompress(raw[pos + 8:pos + 8 + csize], usize, name=str(path))
-        off = 0
-        for name, dt, c in zip(names, dts, counts):
-            v = np.frombuffer(buf, dt, count=n * c, offset=off)
-            cols[name] = v.reshape(n, c).copy() if c > 1 else v.copy()
-            off += n * c * dt.itemsize
-    else:
-        raise SweepError(f'{path}: DATA {mode!r} not supported (expected ascii, binary or binary_compressed)')
+        if usize != n * rec:
+            raise SweepError(f'{path}: uncompressed size {usize} != {n} points x record size ({n * rec})')
+
+
+def _decode_pcd(path: Path, meta, body: bytes) -> np.ndarray:
+    """Decode the data block with pypcd4 (liblzf for binary_compressed) into its structured array."""
+    import io
+
+    from pypcd4 import PointCloud
+    try:
+        data = PointCloud.from_fileobj(io.BytesIO(meta.compose_header().encode() + body)).pc_data
+    except (ValueError, TypeError, RuntimeError) as exc:
+        # pypcd4 passes liblzf's ValueError (or None -> TypeError) and numpy's parse errors through.
+        raise SweepError(f'{path}: cannot decode the {meta.data.value} data (corrupt?): '
+                         f'{type(exc).__name__}: {exc}') from None
+    data = np.atleast_1d(data)
+    if len(data) < meta.points:
+        raise SweepError(f'{path}: {meta.data.value} data has {len(data)} points, expected {meta.points} '
+                         '(truncated?)')
+    return data[:meta.points]
+
+
+def read_pcd(path: Path) -> Sweep:
+    """Read a PCD file (ascii, binary or binary_compressed) with ``pypcd4``; x, y, z fields required."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SweepError(f'{path}: cannot read ({exc})') from None
+    hdr, pos = _parse_pcd_header(path, raw)
+    meta = _pcd_metadata(path, hdr)
+    _check_pcd_size(path, meta, raw, pos)
+    data = _decode_pcd(path, meta, raw[pos:])
+    # pypcd4 splits a field of COUNT k into k columns, in header order: gather them back.
+    flat = iter(data.dtype.names)
+    cols: dict[str, np.ndarray] = {}
+    compressed = meta.data.value == 'binary_compressed'
+    for name, c in zip(meta.fields, meta.count):
+        parts = [data[next(flat)] for _ in range(c)]
+        if name.startswith('zf_padding_'):
+            continue
+        if c == 1:
+            cols[name] = np.ascontiguousarray(parts[0])
+        elif compressed:
+            # PCL stores a COUNT k field point by point (k values each) in its block; pypcd4 1.5 cuts
+            # that block into k runs of N values instead, so its k columns, end to end, are the block.
+            cols[name] = np.concatenate(parts).reshape(len(data), c)
+        else:
+            cols[name] = np.stack(parts, axis=1)
     missing = [c for c in ('x', 'y', 'z') if c not in cols]
     if missing:
-        raise SweepError(f'{path}: PCD has no fields {missing} (has {names})')
+        raise SweepError(f'{path}: PCD has no fields {missing} (has {hdr["FIELDS"]})')
     points = np.stack([cols.pop(c).astype(np.float32) for c in ('x', 'y', 'z')], axis=1)
-    extra = {k: v for k, v in cols.items() if k != '_'}
     stamp = _int_stem(path)
     if stamp is None:
         tname = next((t for t in _TIME_FIELDS
-                      if t in extra and np.issubdtype(extra[t].dtype, np.floating)), None)
-        if tname is not None and len(extra[tname]) and np.isfinite(extra[tname]).any():
+                      if t in cols and np.issubdtype(cols[t].dtype, np.floating)), None)
+        if tname is not None and len(cols[tname]) and np.isfinite(cols[tname]).any():
             # Per-point seconds: the sweep is stamped at its last point (the file-name convention of
             # the PJLab sample; ROS drivers differ, a bag records whatever the driver used).
-            stamp = int(round(float(np.nanmax(extra[tname])) * 1e9))
-    return Sweep(path, points, extra, stamp)
+            stamp = int(round(float(np.nanmax(cols[tname])) * 1e9))
+    return Sweep(path, points, cols, stamp)
 
 
 def write_pcd(path: Path, points: np.ndarray, fields: dict[str, np.ndarray] | None = None,
@@ -263,7 +273,7 @@ def write_pcd(path: Path, points: np.ndarray, fields: dict[str, np.ndarray] | No
         body = rec.tobytes()
     elif data == 'binary_compressed':
         plain = b''.join(cols[k].tobytes() for k, _, _ in spec)
-        comp = lzf_compress_literal(plain)
+        comp = _lzf_compress(plain)
         body = np.array([len(comp), len(plain)], '<u4').tobytes() + comp
     else:
         raise SweepError(f'{path}: DATA {data!r} not supported')
