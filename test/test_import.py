@@ -171,6 +171,17 @@ def _write_odom_bag(path: Path, world: np.ndarray, cloud_stamps: list[int], odom
     return path
 
 
+def _write_tum(path: Path, hz: float, until_s: float) -> Path:
+    from zeroflow_ros.core.geometry import matrix_to_quat
+    lines = ['# t tx ty tz qx qy qz qw']
+    for k in range(int(until_s * hz)):
+        T = _truth(k / hz)
+        w, x, y, z = matrix_to_quat(T[:3, :3])
+        lines.append(' '.join(f'{v:.12g}' for v in (k / hz, *T[:3, 3], x, y, z, w)))
+    path.write_text('\n'.join(lines) + '\n')
+    return path
+
+
 def test_bag_with_odometry_poses_and_deskew(tmp_path):
     world = _world_points(np.random.default_rng(3))
     # Clouds at 10 Hz, 3 ms off the 50 Hz odometry grid, through the straight part and the turn.
@@ -178,18 +189,23 @@ def test_bag_with_odometry_poses_and_deskew(tmp_path):
     bag_dir = _write_odom_bag(tmp_path / 'odom_bag', world, stamps, 50.0)
     res = imp.import_source(bag_dir, tmp_path / 'out')
     assert res.pose_source == 'odometry /odom' and res.sweeps == 12 and res.deskewed == 12
+    # The same trajectory as a TUM file instead of the bag's odometry.
+    res = imp.import_source(bag_dir, tmp_path / 'out', poses=_write_tum(tmp_path / 't.tum', 50.0, 2.5),
+                            log_id='tum')
+    assert res.pose_source == 'TUM poses t.tum' and res.deskewed == 12
     imp.import_source(bag_dir, tmp_path / 'out', deskew_sweeps=False, log_id='raw')
-    log, raw = AV2Log(tmp_path / 'out' / 'train' / 'odom_bag'), AV2Log(tmp_path / 'out' / 'train' / 'raw')
-    assert list(log.timestamps) == stamps
-    for ts in stamps:
-        truth = _truth(ts * 1e-9)
-        # Interpolating 50 Hz odometry of a 5 m/s, 0.5 rad/s arc: chord error ~0.1 mm.
-        np.testing.assert_allclose(log.pose(ts)[:3, 3], truth[:3, 3], atol=1e-3)
-        np.testing.assert_allclose(log.pose(ts)[:3, :3], truth[:3, :3], atol=1e-4)
-        expect = transform_points(invert(truth), world)
-        assert np.abs(log.points(ts) - expect).max() < 3e-3
-        # Without de-skew the sweep is smeared by up to 0.5 m (5 m/s over 100 ms).
-        assert np.abs(raw.points(ts) - expect).max() > 0.3
+    raw = AV2Log(tmp_path / 'out' / 'train' / 'raw')
+    for log in (AV2Log(tmp_path / 'out' / 'train' / 'odom_bag'), AV2Log(tmp_path / 'out' / 'train' / 'tum')):
+        assert list(log.timestamps) == stamps
+        for ts in stamps:
+            truth = _truth(ts * 1e-9)
+            # Interpolating 50 Hz poses of a 5 m/s, 0.5 rad/s arc: chord error ~0.1 mm.
+            np.testing.assert_allclose(log.pose(ts)[:3, 3], truth[:3, 3], atol=1e-3)
+            np.testing.assert_allclose(log.pose(ts)[:3, :3], truth[:3, :3], atol=1e-4)
+            expect = transform_points(invert(truth), world)
+            assert np.abs(log.points(ts) - expect).max() < 3e-3
+            # Without de-skew the sweep is smeared by up to 0.5 m (5 m/s over 100 ms).
+            assert np.abs(raw.points(ts) - expect).max() > 0.3
 
 
 @pytest.mark.parametrize('yaw_rate,speed', [(0.0, 10.0), (1.0, 0.0), (0.4, 8.0)])

@@ -76,7 +76,8 @@ def _add_import_arguments(sub) -> None:
     p.add_argument('--split', default='train', help='split folder (default train)')
     p.add_argument('--log-id', default=None, help='log folder name (default: the source name)')
     p.add_argument('--poses', type=Path, default=None,
-                   help='KITTI-style pose file (by name for sweep folders, else one line per sweep)')
+                   help='TUM file (t tx ty tz qx qy qz qw, interpolated at the sweep times) or KITTI-style '
+                        'file (by name for sweep folders, else one line per sweep)')
     p.add_argument('--topic', default=None, help='PointCloud2 topic (default: the bag\'s only one)')
     p.add_argument('--odom-topic', default=None,
                    help='nav_msgs/Odometry topic (default: the bag\'s only one; "" = KISS-ICP instead)')

@@ -20,10 +20,11 @@ timestamps.txt / nominal 10 Hz for folders, the first column for Ouster). Per-po
 seconds are read as absolute when that puts them closer to the sweep time than reading them as
 offsets (Hesai/PJLab ``timestamp`` vs Velodyne ``time``, Ouster ``t``).
 
-Poses, first that applies: ``--poses`` (KITTI-style file, see :mod:`zeroflow_ros.data.sweeps`: by
-name for sweep folders, else one line per sweep in order), the bag's odometry interpolated at each
-sweep time (:class:`zeroflow_ros.data.bag.OdometryTrack`), else KISS-ICP lidar odometry
-(:mod:`zeroflow_ros.core.odometry`, world = the first sweep).
+Poses, first that applies: ``--poses`` (a TUM file ``t tx ty tz qx qy qz qw``, interpolated at each
+sweep time; or a KITTI-style file, see :mod:`zeroflow_ros.data.sweeps`: by name for sweep folders,
+else one line per sweep in order), the bag's odometry interpolated at each sweep time, else KISS-ICP
+lidar odometry (:mod:`zeroflow_ros.core.odometry`, world = the first sweep). Timed poses are taken as
+those of the lidar frame; sweeps more than 50 ms outside them are skipped.
 
 De-skew: a spinning lidar measures point i at its own time ``t_i`` in the sensor frame *of that
 moment*, so a moving sensor smears the sweep (3 cm at 3 m/s over a 10 ms slice of a 10 Hz sweep,
@@ -248,18 +249,53 @@ class _FilePoses:
         return local
 
 
-class _OdomPoses:
-    """A bag's odometry, interpolated at each sweep time; de-skew uses the full-rate track."""
+class _TrackPoses:
+    """Timed poses (bag odometry, TUM file) interpolated at each sweep time; de-skew uses the whole track."""
 
-    def __init__(self, track, topic: str):
-        self.track, self.name = track, f'odometry {topic}'
-        self.full = Trajectory(track.stamps, track.poses)
+    def __init__(self, traj: Trajectory, name: str, tolerance_ns: int = 50_000_000):
+        self.full, self.name, self.tolerance_ns = traj, name, tolerance_ns
 
     def pose(self, sweep: SourceSweep, k: int) -> np.ndarray | None:
-        return self.track.at(sweep.stamp_ns)
+        s = self.full.stamps
+        # Sweeps before/after the track (beyond a tolerance) are skipped rather than extrapolated.
+        if len(s) == 0 or not s[0] - self.tolerance_ns <= sweep.stamp_ns <= s[-1] + self.tolerance_ns:
+            return None
+        return self.full.at(sweep.stamp_ns)
 
     def motion(self, local: Trajectory) -> Trajectory:
         return self.full
+
+
+def read_tum(path: Path) -> Trajectory:
+    """TUM trajectory file: ``t tx ty tz qx qy qz qw`` per line (t in seconds; '#' comments)."""
+    from zeroflow_ros.core.geometry import make_transform, quat_to_matrix
+    path = Path(path)
+    stamps, poses = [], []
+    for k, line in enumerate(path.read_text().splitlines()):
+        tok = line.split()
+        if not tok or tok[0].startswith('#'):
+            continue
+        try:
+            v = [float(x) for x in tok]
+        except ValueError:
+            raise DataError(f'{path}:{k + 1}: non-numeric TUM pose line {line!r}') from None
+        if len(v) != 8:
+            raise DataError(f'{path}:{k + 1}: expected 8 numbers (t tx ty tz qx qy qz qw), got {len(v)}')
+        stamps.append(int(round(v[0] * 1e9)))
+        poses.append(make_transform(quat_to_matrix(v[7], v[4], v[5], v[6]), v[1:4]))
+    if not stamps:
+        raise DataError(f'{path}: no poses')
+    if (np.diff(stamps) <= 0).any():
+        raise DataError(f'{path}: pose times must increase')
+    return Trajectory(stamps, poses)
+
+
+def _is_tum(path: Path) -> bool:
+    for line in Path(path).read_text().splitlines():
+        tok = line.split()
+        if tok and not tok[0].startswith('#'):
+            return len(tok) == 8
+    return False
 
 
 class _IcpPoses:
@@ -370,19 +406,22 @@ def _open(kind: str, source: Path, *, poses: Path | None, topic: str | None, odo
     from zeroflow_ros.data.sweeps import list_sweep_files, poses_for_sweeps, read_pose_file
     info: dict = {'kind': kind}
     poser = None
+    if poses is not None and _is_tum(poses):
+        poser = _TrackPoses(read_tum(poses), f'TUM poses {Path(poses).name}')
     if kind == 'folder':
         files = list_sweep_files(source)
         sweeps = folder_sweeps(source, start_ns)
-        if poses is not None:
+        if poses is not None and poser is None:
             poser = _FilePoses(poses_for_sweeps(poses, files), poses)
         log_id = source.name
     elif kind == 'bag':
-        topic, odom_topic = bag_topics(source, topic, None if poses is not None else odom_topic)
+        topic, odom_topic = bag_topics(source, topic, '' if poses is not None else odom_topic)
         info.update(topic=topic, odom_topic=odom_topic)
         sweeps = bag_sweeps(source, topic)
         if poses is None and odom_topic:
             from zeroflow_ros.data.bag import read_odometry
-            poser = _OdomPoses(read_odometry(source, odom_topic), odom_topic)
+            track = read_odometry(source, odom_topic)
+            poser = _TrackPoses(Trajectory(track.stamps, track.poses), f'odometry {odom_topic}')
         log_id = source.stem if source.is_file() else source.name
     else:
         from zeroflow_ros.data.ouster import find_metadata, iter_ouster_pcap
