@@ -230,6 +230,18 @@ def test_deskew_hand_built(yaw_rate, speed):
     assert imp.deskew(measured, offs + 10**9, stamp, traj.at) is None   # beyond the poses
 
 
+def test_no_return_points_dropped(tmp_path):
+    # An organised cloud (Ouster driver) marks no-return pixels as (0, 0, 0); NaN rows are dropped too.
+    pts = np.array([[1, 2, 3], [0, 0, 0], [np.nan, 1, 1], [0, 0, 4]], np.float32)
+    rec = zbag.CloudRecord(10**9, pts, {'intensity': np.arange(4, dtype=np.float32)})
+    bag_dir, _ = zbag.write_bag(tmp_path / 'o.mcap', [rec])
+    (tmp_path / 'p.txt').write_text('1 0 0 0 0 1 0 0 0 0 1 0\n')
+    imp.import_source(bag_dir, tmp_path / 'out', poses=tmp_path / 'p.txt')
+    log = _only_log(tmp_path / 'out')
+    np.testing.assert_array_equal(log.points(10**9), [[1, 2, 3], [0, 0, 4]])
+    np.testing.assert_array_equal(_table(log, 10**9)['intensity'], [0, 3])
+
+
 def test_offsets_from_times():
     stamp = 1_635_236_489_468_976_896
     t_abs = stamp * 1e-9 + np.array([-0.1, -0.05, 0.0])

@@ -353,15 +353,17 @@ def sweep_stamps(files: list[Path], sweeps_stamps: list[int | None], start_ns: i
 def iter_sweeps(folder: Path, start_ns: int = 0, period_ns: int = NOMINAL_PERIOD_NS) -> Iterator[Sweep]:
     """Sweeps of a folder in name order with ``stamp_ns`` set (recorded, or nominal 10 Hz)."""
     files = list_sweep_files(folder)
-    # Stamps need every file's own stamp first (cheap for .bin: from the name; PCDs are read once here).
-    first = [read_sweep(f) for f in files] if files[0].suffix.lower() == '.pcd' else None
-    own = [s.stamp_ns for s in first] if first is not None else [_int_stem(f) for f in files]
+    # Stamps need every file's own stamp first: from the name, else (PCD) its point times. Those PCDs
+    # are read twice rather than all held in memory (a long drive would not fit).
+    own = [_int_stem(f) for f in files]
+    if files[0].suffix.lower() == '.pcd' and any(s is None for s in own):
+        own = [s if s is not None else read_pcd(f).stamp_ns for s, f in zip(own, files)]
     stamps = sweep_stamps(files, own, start_ns, period_ns)
     if (np.diff(stamps) <= 0).any():
         i = int(np.nonzero(np.diff(stamps) <= 0)[0][0])
         raise SweepError(f'{files[i + 1]}: sweep time {stamps[i + 1]} is not after {files[i]} ({stamps[i]})')
     for k, f in enumerate(files):
-        s = first[k] if first is not None else read_sweep(f)
+        s = read_sweep(f)
         s.stamp_ns = int(stamps[k])
         yield s
 
