@@ -11,7 +11,7 @@ import pytest
 
 from zeroflow_training.data import raycast as rc
 from zeroflow_training.data import synth
-from zeroflow_training.data.scene import generate_scene
+from zeroflow_training.data.scene import SceneConfig, generate_scene
 
 TINY = dict(beams=16, azimuths=600)
 
@@ -321,7 +321,7 @@ def test_default_sweep_realism():
 def test_ego_behaviours_over_seeds():
     modes, stopped, fast, turned = set(), 0, 0, 0
     for seed in range(6):
-        sc = generate_scene(seed, 1.9, 100.0)
+        sc = generate_scene(seed, 1.9, 100.0, SceneConfig(kind='urban'))
         T = sc.city_T_ego(np.arange(20) * 0.1)
         v = np.linalg.norm(np.diff(T[:, :3, 3], axis=0), axis=1) / 0.1
         yaw = np.unwrap(np.arctan2(T[:, 1, 0], T[:, 0, 0]))

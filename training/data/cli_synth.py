@@ -45,16 +45,44 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
                         help='range noise sigma in m (default 0.02)')
     parser.add_argument('--dropout', type=float, default=0.02,
                         help='base return dropout probability (default 0.02)')
+    parser.add_argument('--sensor', type=str, default=None, metavar='NAME|random|cycle',
+                        help='real lidar model per log (beam layout, mount, noise, dropout, rolling '
+                             'shutter; see training/data/sensors.py): one of '
+                             'vlp16, hdl32e, hdl64e, os1-64, os1-128, pandar64, av2, vlp32c; random: '
+                             'one per log drawn from its seed; cycle: log i of a split uses model i mod 8; '
+                             'random/cycle jitter the mounting height (1.4-2.3 m). Overrides --beams, '
+                             '--azimuths, --elevations, --points, --max-range, --range-noise, --dropout')
+    parser.add_argument('--scene', type=str, default='mix', metavar='KIND',
+                        help='mix (default: urban 50 %%, arterial 25 %%, highway 25 %%, from the seed), '
+                             'cycle (log i: highway, arterial, urban, ...), urban, arterial or highway')
     parser.add_argument('--overwrite', action='store_true', help='regenerate logs that already exist')
 
 
 def _job(job: tuple) -> dict:
     from zeroflow_training.data.synth import generate_one
-    seed, split_dir, sweeps, lidar = job
-    return generate_one(seed, Path(split_dir), sweeps, lidar)
+    seed, split_dir, sweeps, lidar, scene_cfg = job
+    r = generate_one(seed, Path(split_dir), sweeps, lidar, scene_cfg)
+    r['sensor'] = lidar.name or 'generic'
+    return r
 
 
-def _complete(split_dir: Path, seed: int, sweeps: int, lidar) -> bool:
+def _per_log(args: argparse.Namespace, lidar, seed: int, i: int):
+    """(LidarConfig, SceneConfig) of log ``i`` (seed ``seed``) of a split."""
+    from zeroflow_training.data.scene import SCENE_KINDS, SceneConfig
+    from zeroflow_training.data.sensors import sensor_for_log
+    from zeroflow_training.data.synth import SynthError
+    if args.sensor is not None:
+        lidar = sensor_for_log(args.sensor, seed, i)
+    if args.scene == 'mix':
+        return lidar, None
+    if args.scene == 'cycle':
+        return lidar, SceneConfig(kind=('highway', 'arterial', 'urban')[i % 3])
+    if args.scene not in SCENE_KINDS:
+        raise SynthError(f'--scene: expected mix, cycle or one of {SCENE_KINDS}, got {args.scene!r}')
+    return lidar, SceneConfig(kind=args.scene)
+
+
+def _complete(split_dir: Path, seed: int, sweeps: int, lidar, scene_cfg=None) -> bool:
     from dataclasses import asdict
 
     from zeroflow_training.data.synth import GENERATOR_VERSION, log_id_for_seed
@@ -63,8 +91,9 @@ def _complete(split_dir: Path, seed: int, sweeps: int, lidar) -> bool:
         m = json.loads(meta.read_text())
     except (OSError, ValueError):
         return False
+    kind_ok = scene_cfg is None or scene_cfg.kind is None or m.get('scene_kind') == scene_cfg.kind
     return (m.get('version') == GENERATOR_VERSION and m.get('seed') == seed and m.get('sweeps') == sweeps
-            and m.get('lidar') == json.loads(json.dumps(asdict(lidar))))
+            and m.get('lidar') == json.loads(json.dumps(asdict(lidar))) and kind_ok)
 
 
 def run_synth(args: argparse.Namespace) -> int:
@@ -106,11 +135,12 @@ def run_synth(args: argparse.Namespace) -> int:
             continue
         split_dir = out / split
         split_dir.mkdir(parents=True, exist_ok=True)
-        for seed in split_seeds(split, count, args.seed):
-            if not args.overwrite and _complete(split_dir, seed, args.sweeps, lidar):
+        for i, seed in enumerate(split_seeds(split, count, args.seed)):
+            log_lidar, scene_cfg = _per_log(args, lidar, seed, i)
+            if not args.overwrite and _complete(split_dir, seed, args.sweeps, log_lidar, scene_cfg):
                 skipped += 1
                 continue
-            jobs.append((seed, str(split_dir), args.sweeps, lidar))
+            jobs.append((seed, str(split_dir), args.sweeps, log_lidar, scene_cfg))
     if skipped:
         print(f'{skipped} log(s) already complete, skipped (use --overwrite to regenerate)')
     if not jobs:
@@ -135,4 +165,13 @@ def run_synth(args: argparse.Namespace) -> int:
     print(f'wrote {len(results)} log(s), {sweeps} sweeps to {out} in {wall:.1f} s: '
           f'{cpu / sweeps:.2f} CPU s/sweep ({busy / sweeps:.2f} s wall per sweep in a worker), '
           f'{sum(pts) / len(pts):.0f} points/sweep (min {min(pts)}, max {max(pts)})')
+    if args.sensor is not None:
+        by = {}
+        for r in results:
+            by.setdefault(r['sensor'], []).append(r)
+        for name, rs in sorted(by.items()):
+            p = [q for r in rs for q in r['points']]
+            n = len(p)
+            print(f'  {name:9s} {len(rs):3d} log(s): {sum(p) / n:.0f} points/sweep '
+                  f'(min {min(p)}, max {max(p)}), {sum(r["cpu_seconds"] for r in rs) / n:.2f} CPU s/sweep')
     return 0

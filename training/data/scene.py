@@ -9,6 +9,14 @@ stop, wait then pull away, turn at intersections). Vehicles sharing a lane form 
 shares one speed profile, so they never run into each other; the ego's own lane platoon
 shares the ego's profile (the car ahead stops when the ego stops).
 
+Three kinds of scene (:class:`SceneConfig` ``kind_mix``, drawn from the seed on a stream of its
+own so urban scenes are unchanged): ``urban`` as above; ``arterial`` (the ego's road 3 lanes each
+way, crossings 100-200 m apart, ego 12-20 m/s, its traffic 8-20 m/s) and ``highway`` (4 lanes
+each way, a median barrier, crossings 250-450 m apart, ego 18-30 m/s, traffic 10-30 m/s, more
+trucks and buses). Fast scenes always hold a close cut-in (a car merging into the ego's lane 3-15 m
+ahead, urban scenes sometimes) and vehicles turning off a crossing road at 7-13 m/s on 15-35 m
+radii. Bushes, grass verges, bins, benches and hydrants stand behind the sidewalks.
+
 Each annotated object is a *track* with a cuboid rigidly attached to its agent; its geometry
 (boxes, cylinders) lies strictly inside the cuboid, as a good annotation would.
 """
@@ -169,6 +177,9 @@ def _cyl(cx, cy, z0, z1, r, refl) -> Part:
 
 VEHICLE_MIX = (('REGULAR_VEHICLE', 0.72), ('LARGE_VEHICLE', 0.08), ('BOX_TRUCK', 0.09), ('BUS', 0.06),
                ('TRUCK', 0.05))
+# arterials and highways carry more long vehicles
+FAST_VEHICLE_MIX = (('REGULAR_VEHICLE', 0.55), ('LARGE_VEHICLE', 0.1), ('BOX_TRUCK', 0.12), ('BUS', 0.08),
+                    ('TRUCK', 0.15))
 
 
 def vehicle_body(rng: np.random.Generator, category: str) -> tuple[list[Part], np.ndarray]:
@@ -246,6 +257,11 @@ class SceneConfig:
     tree_spacing_m: tuple[float, float] = (9.0, 22.0)
     ego_modes: tuple[tuple[str, float], ...] = (
         ('cruise', 0.35), ('turn', 0.25), ('stop', 0.2), ('start', 0.2))
+    # urban: the downtown grid above; arterial: the ego on a 3-lane-each-way road at 12-20 m/s;
+    # highway: 4 lanes each way, a median barrier, crossings 250-450 m apart, 18-30 m/s traffic
+    kind_mix: tuple[tuple[str, float], ...] = (('urban', 0.5), ('arterial', 0.25), ('highway', 0.25))
+    kind: str | None = None                 # force a kind (else drawn from the seed by kind_mix)
+    cut_in_prob_urban: float = 0.25         # a car merging close ahead of the ego (always on fast roads)
 
 
 @dataclass
@@ -266,10 +282,14 @@ class Scene:
     crosswalks: list[np.ndarray] = field(default_factory=list)
     obstacles: list[tuple[float, float, float]] = field(default_factory=list)   # trunks, poles: x, y, r
     removed_agents: int = 0                 # moving agents dropped because they would collide
+    kind: str = 'urban'                     # urban | arterial | highway (SceneConfig.kind_mix)
     next_instance: int = 0                  # instance id for the next agent created
 
     def ego_xy_yaw(self, times: np.ndarray):
-        return self.ego_path.pose(self.ego_s0 + self.ego_profile.arc_length(times, self.duration))
+        times = np.atleast_1d(np.asarray(times, float))
+        # a rolling-shutter sweep fires until 100 ms after the last stamp: integrate that far
+        horizon = max(self.duration, float(times.max(initial=0.0)))
+        return self.ego_path.pose(self.ego_s0 + self.ego_profile.arc_length(times, horizon))
 
     def surface_height(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Height of what stands under (x, y): the ground, or a sidewalk top where one is."""
@@ -289,18 +309,16 @@ class Scene:
     def city_T_ego(self, times: np.ndarray) -> np.ndarray:
         """(T,4,4) ego poses: origin on the ground under the rear axle, z along the ground normal."""
         x, y, yaw = self.ego_xy_yaw(times)
+        gx, gy = self.ground.gradient(x, y)
+        n = np.stack([-gx, -gy, np.ones_like(gx)], -1)
+        n /= np.linalg.norm(n, axis=-1, keepdims=True)
+        f = np.stack([np.cos(yaw), np.sin(yaw), np.zeros_like(yaw)], -1)
+        ax = f - np.sum(f * n, -1, keepdims=True) * n
+        ax /= np.linalg.norm(ax, axis=-1, keepdims=True)
         out = np.zeros((len(x), 4, 4))
-        for i in range(len(x)):
-            gx, gy = self.ground.gradient(np.array([x[i]]), np.array([y[i]]))
-            n = np.array([-gx[0], -gy[0], 1.0])
-            n /= np.linalg.norm(n)
-            f = np.array([np.cos(yaw[i]), np.sin(yaw[i]), 0.0])
-            ax = f - f.dot(n) * n
-            ax /= np.linalg.norm(ax)
-            ay = np.cross(n, ax)
-            out[i, :3, :3] = np.stack([ax, ay, n], axis=1)
-            out[i, :3, 3] = [x[i], y[i], self.ground.height(x[i], y[i])]
-            out[i, 3, 3] = 1.0
+        out[:, :3, :3] = np.stack([ax, np.cross(n, ax), n], axis=-1)
+        out[:, :3, 3] = np.stack([x, y, self.ground.height(x, y)], -1)
+        out[:, 3, 3] = 1.0
         return out
 
 
@@ -378,7 +396,15 @@ def generate_scene(seed: int, duration: float, max_range: float, cfg: SceneConfi
     mode = str(rng.choice(names, p=np.array(probs) / sum(probs)))
     turn_side = int(rng.choice([-1, 1]))
     turn_radius = rng.uniform(6.0, 9.0) if turn_side < 0 else rng.uniform(9.0, 13.0)
-    if mode == 'turn':
+    # the kind and everything fast traffic adds come from their own stream, so an urban scene
+    # draws the main stream exactly as before fast roads existed
+    rng_fast = np.random.default_rng([int(seed), 0xFA57])
+    kind = scene_kind(seed, cfg)
+    if kind != 'urban':
+        mode = 'cruise'
+        lo, hi = (12.0, 20.0) if kind == 'arterial' else (18.0, 30.0)
+        profile = SpeedProfile(rng_fast.uniform(lo, hi), [(0.0, rng_fast.uniform(-0.6, 0.6))], v_max=33.0)
+    elif mode == 'turn':
         # through the arc at constant speed with lateral acceleration v^2 / R <= 3.5 m/s^2, the
         # arc starting within the first 40 % of the drive, then pull away on the new road
         v_turn = min(rng.uniform(3.5, 7.0), float(np.sqrt(3.5 * turn_radius)))
@@ -396,13 +422,18 @@ def generate_scene(seed: int, duration: float, max_range: float, cfg: SceneConfi
         d_cross = arc_start + turn_radius - turn_side * _lane_offset(0)
     else:
         d_cross = rng.uniform(20.0, 70.0)
+    spacing = {'urban': (60.0, 120.0), 'arterial': (100.0, 200.0), 'highway': (250.0, 450.0)}[kind]
+    if kind == 'highway':
+        d_cross = rng_fast.uniform(100.0, 200.0)
     reach = max_range + travel + 80.0
-    xs = sorted(_spacings(rng, d_cross, 60.0, 120.0, int(reach / 60) + 2, 1.0)
-                + [d_cross] + _spacings(rng, d_cross, 60.0, 120.0, int(reach / 60) + 2, -1.0))
+    xs = sorted(_spacings(rng, d_cross, *spacing, int(reach / spacing[0]) + 2, 1.0)
+                + [d_cross] + _spacings(rng, d_cross, *spacing, int(reach / spacing[0]) + 2, -1.0))
     ys = sorted(_spacings(rng, 0.0, 60.0, 120.0, int(reach / 60) + 2, 1.0) + [0.0]
                 + _spacings(rng, 0.0, 60.0, 120.0, int(reach / 60) + 2, -1.0))
     v_roads = {x: _make_road(rng, 1, x) for x in xs}
     h_roads = {y: _make_road(rng, 0, y) for y in ys}
+    if kind != 'urban':
+        h_roads[0.0] = Road(0, 0.0, 3 if kind == 'arterial' else 4, 0.0, float(rng_fast.uniform(3.0, 5.0)))
     ego_road = h_roads[0.0]
     ego_lane = int(rng.integers(0, ego_road.lanes))
     start = np.array([0.0, -_lane_offset(ego_lane)])
@@ -421,11 +452,33 @@ def generate_scene(seed: int, duration: float, max_range: float, cfg: SceneConfi
         return bounds[0] - margin <= x <= bounds[2] + margin and bounds[1] - margin <= y <= bounds[3] + margin
 
     scene = Scene(seed, ground, list(h_roads.values()) + list(v_roads.values()), Primitives(), [], ego_path,
-                  profile, back, mode, T, bounds)
+                  profile, back, mode, T, bounds, kind=kind)
     _build_static_world(scene, rng, xs, ys, v_roads, h_roads, cfg, in_bounds)
+    _add_clutter(scene, rng_fast, xs, ys, v_roads, h_roads, in_bounds)
+    if kind == 'highway':
+        _add_median(scene, xs, v_roads, in_bounds)
+    # fast manoeuvres first: the collision check keeps earlier agents and drops later ones
+    if kind != 'urban' or (mode != 'turn' and rng_fast.random() < cfg.cut_in_prob_urban):
+        _add_cut_in(scene, rng_fast, ego_road, ego_lane)
+    if kind != 'urban':
+        _add_fast_turners(scene, rng_fast, xs, v_roads, ego_road, in_bounds)
     _build_agents(scene, rng, xs, ys, v_roads, h_roads, cfg, in_bounds, ego_lane, times, ex, ey)
     _remove_collisions(scene, times)
     return scene
+
+
+def scene_kind(seed: int, cfg: SceneConfig | None = None) -> str:
+    """Kind of the scene of ``seed`` (urban, arterial, highway): ``cfg.kind`` or drawn by ``kind_mix``."""
+    cfg = cfg or SceneConfig()
+    if cfg.kind is not None:
+        if cfg.kind not in SCENE_KINDS:
+            raise SynthError(f'scene kind: expected one of {SCENE_KINDS}, got {cfg.kind!r}')
+        return cfg.kind
+    names, probs = zip(*cfg.kind_mix)
+    return str(np.random.default_rng([int(seed), 0x41D]).choice(names, p=np.array(probs) / sum(probs)))
+
+
+SCENE_KINDS = ('urban', 'arterial', 'highway')
 
 
 EGO_LENGTH, EGO_WIDTH, EGO_REAR_OVERHANG = 4.9, 2.0, 1.0
@@ -713,8 +766,8 @@ def _build_agents(scene: Scene, rng, xs, ys, v_roads, h_roads, cfg: SceneConfig,
                for j, (c, dims, off) in enumerate(tracks)]
         scene.agents.append(Agent(k, path, s0, profile, parts, trk, kind))
 
-    def random_vehicle():
-        names, probs = zip(*VEHICLE_MIX)
+    def random_vehicle(mix=VEHICLE_MIX):
+        names, probs = zip(*mix)
         cat = str(rng.choice(names, p=probs))
         parts, dims = vehicle_body(rng, cat)
         return cat, parts, dims
@@ -731,11 +784,15 @@ def _build_agents(scene: Scene, rng, xs, ys, v_roads, h_roads, cfg: SceneConfig,
             return SpeedProfile(v0, [(0.0, 0.0), (rng.uniform(0, 0.5) * T, -a)])
         return SpeedProfile(0.0, [(0.0, 0.0), (rng.uniform(0, 0.6) * T, rng.uniform(1.2, 2.5))], v_max=14.0)
 
-    def platoon(path, s_first, profile, n, spacing_rng=(6.0, 25.0), direction=-1.0):
+    def fast_profile():
+        lo, hi = (8.0, 20.0) if scene.kind == 'arterial' else (10.0, 30.0)
+        return SpeedProfile(rng.uniform(lo, hi), [(0.0, rng.uniform(-0.8, 0.8))], v_max=33.0)
+
+    def platoon(path, s_first, profile, n, spacing_rng=(6.0, 25.0), direction=-1.0, mix=VEHICLE_MIX):
         """Place n vehicles at decreasing (direction -1, behind) arc lengths from s_first."""
         s = s_first
         for _ in range(n):
-            cat, parts, dims = random_vehicle()
+            cat, parts, dims = random_vehicle(mix)
             s_c = s + direction * dims[0] / 2
             new_agent(path, s_c, profile, parts, [(cat, dims, np.array([0.0, 0.0, dims[2] / 2]))], 'vehicle')
             s = s_c + direction * (dims[0] / 2 + rng.uniform(*spacing_rng))
@@ -761,7 +818,8 @@ def _build_agents(scene: Scene, rng, xs, ys, v_roads, h_roads, cfg: SceneConfig,
             for lane in range(road.lanes):
                 if road.axis == 0 and road.center == 0.0 and direction > 0 and lane == ego_lane:
                     continue        # the ego's lane is handled above
-                if rng.random() > cfg.vehicle_lane_prob:
+                fast_road = scene.kind != 'urban' and road.axis == 0 and road.center == 0.0
+                if rng.random() > (0.85 if fast_road else cfg.vehicle_lane_prob):
                     continue
                 u = np.array([direction, 0.0]) if road.axis == 0 else np.array([0.0, direction])
                 rgt = np.array([u[1], -u[0]])
@@ -776,6 +834,13 @@ def _build_agents(scene: Scene, rng, xs, ys, v_roads, h_roads, cfg: SceneConfig,
                             and np.sign(c - along0) == direction]
                     if cand:
                         turns = [(float(rng.choice(cand)), int(rng.choice([-1, 1])))]
+                if fast_road:       # straight through at speed, headways of ~1-2 s
+                    path = build_route(start, u, length + 600.0, [], rng)
+                    prof = fast_profile()
+                    gap = (max(6.0, 0.8 * prof.v0), max(25.0, 2.0 * prof.v0))
+                    platoon(path, rng.uniform(0.1, 0.9) * length, prof, int(rng.integers(1, 4)), gap,
+                            mix=FAST_VEHICLE_MIX)
+                    continue
                 path = build_route(start, u, length + 200.0, turns, rng)
                 prof = traffic_profile()
                 s_first = rng.uniform(0.1, 0.9) * length
@@ -850,3 +915,120 @@ def _build_agents(scene: Scene, rng, xs, ys, v_roads, h_roads, cfg: SceneConfig,
                 parts, dims = pedestrian_body(rng)
                 new_agent(path, rng.uniform(-6.0, 2 * vr.half_carriageway), prof, parts,
                           [('PEDESTRIAN', dims, np.array([0, 0, dims[2] / 2]))], 'pedestrian')
+
+
+def _new_moving_agent(scene: Scene, path: Path2D, s0: float, profile: SpeedProfile, parts, tracks,
+                      kind: str) -> None:
+    k = scene.next_instance
+    scene.next_instance += 1
+    trk = [Track(_track_uuid(scene.seed, k * 4 + j), c, dims, off) for j, (c, dims, off) in enumerate(tracks)]
+    scene.agents.append(Agent(k, path, s0, profile, parts, trk, kind))
+
+
+def _add_cut_in(scene: Scene, rng: np.random.Generator, road: Road, ego_lane: int) -> None:
+    """Add a vehicle from a neighbouring lane merging into the ego's lane a few metres ahead of it.
+
+    The lane change (3.5 m sideways over 2-4 s, smoothstep) is under way at the first sweep; the
+    vehicle drives at 85-110 % of the ego's speed with its rear 3-15 m ahead of the ego's nose.
+    """
+    lanes = [lane for lane in (ego_lane - 1, ego_lane + 1) if 0 <= lane < road.lanes]
+    if not lanes:
+        return
+    src = int(rng.choice(lanes))
+    cat = str(rng.choice([c for c, _ in FAST_VEHICLE_MIX], p=[p for _, p in FAST_VEHICLE_MIX]))
+    parts, dims = vehicle_body(rng, cat)
+    v = max(scene.ego_profile.v0 * rng.uniform(0.85, 1.1), 3.0)
+    ex, _, _ = scene.ego_xy_yaw(np.array([0.0]))
+    x_c = float(ex[0]) + EGO_LENGTH - EGO_REAR_OVERHANG + rng.uniform(3.0, 15.0) + dims[0] / 2
+    L = v * rng.uniform(2.0, 4.0)
+    x_a = x_c - rng.uniform(0.2, 0.7) * L              # where the lane change began
+    xs = np.arange(x_c - 400.0, x_c + 900.0, 0.5)
+    u = np.clip((xs - x_a) / L, 0.0, 1.0)
+    y = -_lane_offset(src) + (_lane_offset(src) - _lane_offset(ego_lane)) * u * u * (3 - 2 * u)
+    path = Path2D(np.stack([xs, y], 1))
+    s0 = float(np.interp(x_c, xs, path.s))
+    prof = SpeedProfile(v, [(0.0, rng.uniform(-0.5, 0.5))], v_max=33.0)
+    _new_moving_agent(scene, path, s0, prof, parts, [(cat, dims, np.array([0.0, 0.0, dims[2] / 2]))],
+                      'vehicle')
+
+
+def _add_fast_turners(scene: Scene, rng: np.random.Generator, xs, v_roads, road: Road, in_bounds) -> None:
+    """One or two vehicles turning right off a crossing road onto the fast road, mid-turn at t=0.
+
+    Radius 15-35 m at a lateral acceleration of 3-5 m/s^2 (7-13 m/s): yaw rates up to ~0.9 rad/s.
+    """
+    ex, _, _ = scene.ego_xy_yaw(np.array([0.0]))
+    near = [x for x in xs if in_bounds(x, 0.0) and abs(x - float(ex[0])) < 90.0]
+    for _ in range(int(rng.integers(1, 3))):
+        if not near:
+            return
+        xc = float(rng.choice(near))
+        side = float(rng.choice([-1.0, 1.0]))           # come from the south (+1 north-bound) or north
+        u = np.array([0.0, side])
+        rgt = np.array([u[1], -u[0]])
+        start = np.array([xc, -side * 150.0]) + rgt * _lane_offset(0)
+        radius = rng.uniform(15.0, 35.0)
+        dist = 150.0                                     # to the centre of the fast road
+        path = build_route(start, u, 800.0, [(dist, -1, radius)], rng)
+        v = float(np.sqrt(rng.uniform(3.0, 5.0) * radius))
+        corner = dist - _lane_offset(0)
+        s0 = corner - radius + rng.uniform(0.1, 0.8) * np.pi * radius / 2
+        cat = str(rng.choice([c for c, _ in VEHICLE_MIX], p=[p for _, p in VEHICLE_MIX]))
+        parts, dims = vehicle_body(rng, cat)
+        prof = SpeedProfile(v, [(0.0, rng.uniform(-0.5, 0.5))], v_max=33.0)
+        _new_moving_agent(scene, path, s0, prof, parts, [(cat, dims, np.array([0.0, 0.0, dims[2] / 2]))],
+                          'vehicle')
+
+
+def _add_median(scene: Scene, xs, v_roads, in_bounds) -> None:
+    """Concrete median barrier (0.8 m, unannotated) along the highway between its crossings."""
+    g = scene.ground
+    for xa, xb in zip(xs[:-1], xs[1:]):
+        x0, x1 = xa + v_roads[xa].half_width, xb - v_roads[xb].half_width
+        if x1 - x0 < 5 or not in_bounds((x0 + x1) / 2, 0.0, (x1 - x0) / 2):
+            continue
+        for a in np.arange(x0, x1, 20.0):          # 20 m pieces follow the ground's grade
+            b = min(a + 20.0, x1)
+            c = (a + b) / 2
+            z = float(g.height(np.array(c), np.array(0.0)))
+            scene.static.add_box((c, 0.0, z - 0.2 + 0.5), ((b - a) / 2, 0.25, 0.5), 0.0, reflectivity=0.45)
+
+
+def _add_clutter(scene: Scene, rng: np.random.Generator, xs, ys, v_roads, h_roads, in_bounds) -> None:
+    """Street clutter and low vegetation just behind the sidewalks (unannotated static world).
+
+    Bushes and grass verges are porous (rays pass with some probability), bins, benches and
+    hydrants are solid. They stand behind the sidewalk's outer edge, off the pedestrians' paths.
+    """
+    g = scene.ground
+    for road in scene.roads:
+        cross = xs if road.axis == 0 else ys
+        others = v_roads if road.axis == 0 else h_roads
+        lo, hi = (scene.bounds[0], scene.bounds[2]) if road.axis == 0 else (scene.bounds[1], scene.bounds[3])
+        for side in (-1.0, 1.0):
+            along = lo + rng.uniform(0, 15)
+            while along < hi:
+                along += rng.uniform(6.0, 25.0)
+                if any(abs(along - c) < others[c].half_width + 3.0 for c in cross):
+                    continue
+                off = road.center + side * (road.half_width + rng.uniform(0.3, 1.2))
+                x, y = (along, off) if road.axis == 0 else (off, along)
+                if not in_bounds(x, y):
+                    continue
+                z = float(g.height(np.array(x), np.array(y)))
+                yaw = 0.0 if road.axis == 0 else np.pi / 2
+                r = rng.random()
+                if r < 0.35:        # bush
+                    hh = rng.uniform(0.3, 0.8)
+                    half = (rng.uniform(0.4, 1.2), rng.uniform(0.3, 0.7), hh)
+                    scene.static.add_box((x, y, z + hh - 0.1), half, yaw, reflectivity=0.2, porosity=0.4)
+                elif r < 0.55:      # grass / weeds strip
+                    hh = rng.uniform(0.1, 0.25)
+                    scene.static.add_box((x, y, z + hh - 0.05), (rng.uniform(1.5, 5.0), 0.4, hh), yaw,
+                                         reflectivity=0.18, porosity=0.6)
+                elif r < 0.75:      # bin
+                    scene.static.add_box((x, y, z + 0.55), (0.3, 0.3, 0.55), yaw, reflectivity=0.3)
+                elif r < 0.9:       # bench
+                    scene.static.add_box((x, y, z + 0.4), (0.9, 0.25, 0.4), yaw, reflectivity=0.35)
+                else:               # hydrant
+                    scene.static.add_cylinder((x, y, z + 0.37), 0.12, 0.37, reflectivity=0.8)

@@ -17,9 +17,19 @@ dataset, plus a ``scene_flow/`` folder with the ground truth::
 
 Conventions and simplifications (say them out loud, they matter for what a model can learn):
 
-* **Lidar frame = ego frame, no motion distortion.** Every ray of a sweep is cast at the
-  sweep timestamp; ``offset_ns`` records the spin time of the ray's column as a real sensor
-  would, but points are not de-skewed because they were never skewed.
+* **Shutter** (``LidarConfig.shutter``). ``global`` (the generic default): every ray is cast at
+  the sweep timestamp, ``offset_ns`` records its column's spin time, no distortion. The sensor
+  presets (:mod:`.sensors`) use a rolling shutter: column c is fired ``offset_ns`` after the
+  stamp while the ego and the traffic move (cast in 20 azimuth slices of 5 ms, each return then
+  carried rigidly with what it hit to its own column's time). ``raw`` writes each point in the
+  sensor pose of its firing time (not de-skewed, as KITTI); ``ego_deskewed`` in the ego frame
+  of the stamp (AV2). Cuboids are placed at the firing time of the column through their centre,
+  in the frame their points are written in (static objects in raw sweeps: carried by the ego
+  motion from the first sweep, so they move exactly by the ego rule). A mover cut by the seam
+  of the revolution (straight behind) shows up twice, 100 ms apart, as on real sensors; its box
+  holds one part, the other takes the static rule.
+* The ego's body (4.9 x 2.0 m, roof 0.25 m under the sensor, at most 1.55 m) occludes the rays
+  that would hit it; such self-returns are dropped, returns nearer than ``min_range_m`` too.
 * Ego frame as AV2: x forward, y left, z up, origin on the ground under the rear axle; the
   sensor sits at ``LidarConfig.sensor_xyz`` (default 1.35, 0, 1.8 m).
 * **Ground truth is the official AV2 rule, reimplemented in numpy** (av2
@@ -63,11 +73,13 @@ from zeroflow_ros.data.av2 import (  # noqa: F401  (re-exported)
     BOUNDING_BOX_EXPANSION, CATEGORY_TO_INDEX, SCENE_FLOW_DYNAMIC_THRESHOLD)
 
 from .raycast import Primitives, SynthError, cast, default_elevations, yaw_matrix
-from .scene import Agent, Scene, SceneConfig, generate_scene
+from .scene import EGO_LENGTH, EGO_REAR_OVERHANG, EGO_WIDTH, Agent, Scene, SceneConfig, generate_scene
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 5
+GENERATOR_VERSION = 6
+SHUTTERS = ('global', 'raw', 'ego_deskewed')
+ROLLING_SLICES = 20     # a revolution is cast in 20 azimuth slices of 5 ms (see _cast_sweep)
 VAL_SEED_BASE = 1_000_000
 TIMESTAMP_BASE_NS = 315_000_000_000_000_000
 SWEEP_PERIOD_NS = 100_000_000
@@ -90,6 +102,14 @@ class LidarConfig:
     range_noise_m: float = 0.02
     dropout: float = 0.02            # base probability a return is lost
     sensor_xyz: tuple[float, float, float] = (1.35, 0.0, 1.8)
+    name: str = ''                   # sensor model (training.data.sensors), '' = this generic one
+    min_range_m: float = 0.5         # returns closer than this are not reported
+    # 'global': every ray at the sweep time (no motion distortion); 'raw': each column fired at
+    # its own time, points in the sensor pose of that time; 'ego_deskewed': fired likewise, points
+    # in the ego frame of the sweep time (ego motion removed, object motion kept), as AV2 publishes
+    shutter: str = 'global'
+    range_10pct_m: float | None = None       # where a 10 % reflective target fades; None: no limit
+    azimuth_offsets_deg: tuple[float, ...] | None = None    # per beam, in the order of elevations_deg
 
     def validate(self) -> None:
         if self.beams < 1 or self.beams > 256:
@@ -105,6 +125,15 @@ class LidarConfig:
             raise SynthError(f'lidar dropout: expected [0, 1), got {self.dropout}')
         if self.range_noise_m < 0:
             raise SynthError(f'lidar range_noise_m: expected >= 0, got {self.range_noise_m}')
+        if self.shutter not in SHUTTERS:
+            raise SynthError(f'lidar shutter: expected one of {SHUTTERS}, got {self.shutter!r}')
+        if not 0.0 <= self.min_range_m < self.max_range_m:
+            raise SynthError(f'lidar min_range_m: expected 0..max_range_m, got {self.min_range_m}')
+        if self.range_10pct_m is not None and self.range_10pct_m <= 0:
+            raise SynthError(f'lidar range_10pct_m: expected > 0 or None, got {self.range_10pct_m}')
+        if self.azimuth_offsets_deg is not None and len(self.azimuth_offsets_deg) != self.beams:
+            raise SynthError(f'lidar azimuth_offsets_deg: expected {self.beams} angles, '
+                             f'got {len(self.azimuth_offsets_deg)}')
 
     def elevations(self) -> np.ndarray:
         if self.elevations_deg is None:
@@ -121,6 +150,9 @@ class LidarConfig:
         el = np.deg2rad(self.elevations())
         az = np.pi - 2 * np.pi * np.arange(self.azimuths) / self.azimuths
         A, E = np.meshgrid(az, el, indexing='ij')          # (azimuths, beams)
+        if self.azimuth_offsets_deg is not None:
+            order = np.argsort(np.asarray(self.elevations_deg, float), kind='stable')
+            A = A - np.deg2rad(np.asarray(self.azimuth_offsets_deg, float)[order])[None, :]
         d = np.stack([np.cos(E) * np.cos(A), np.cos(E) * np.sin(A), np.sin(E)], axis=-1).reshape(-1, 3)
         laser = np.tile(np.arange(self.beams), self.azimuths)
         column = np.repeat(np.arange(self.azimuths), self.beams)
@@ -323,75 +355,14 @@ def simulate_log(seed: int, sweeps: int, lidar: LidarConfig | None = None,
     times = np.arange(sweeps) * 0.1
     stamps = timestamps_for_seed(seed, sweeps)
     poses = scene.city_T_ego(times)
-    dirs_e, laser, column = lidar.ray_grid()
-    sensor = np.asarray(lidar.sensor_xyz, dtype=np.float64)
-
-    agent_poses = [a.poses(times, duration) for a in scene.agents]
+    clock = _SweepClock(scene, lidar, times)
     out_sweeps: list[Sweep] = []
     ann_rows: list[tuple] = []
     for k in range(sweeps):
-        T = poses[k]
-        R = T[:3, :3]
-        sensor_city = R @ sensor + T[:3, 3]
-        dirs_c = dirs_e @ R.T
-        P = _copy_static(scene.static)
-        track_poses = []
-        ego_xy = T[:2, 3]
-        # agents stand on the sidewalk top where they are on one (pedestrians, signs, bollards)
-        zs = scene.surface_height(np.array([a[0][k] for a in agent_poses]),
-                                  np.array([a[1][k] for a in agent_poses]))
-        for agent, (ax, ay, ayaw), z in zip(scene.agents, agent_poses, zs):
-            x, y, yaw, z = float(ax[k]), float(ay[k]), float(ayaw[k]), float(z)
-            near = np.hypot(x - ego_xy[0], y - ego_xy[1]) <= lidar.max_range_m + 15.0
-            if not near:
-                continue        # neither visible nor annotated (tracks lie within a few m of x, y)
-            Ra = agent_rotation(scene, agent, x, y, yaw)
-            agent_origin = np.array([x, y, z])
-            _agent_primitives(P, agent, Ra, agent_origin, yaw)
-            for trk in agent.tracks:
-                centre = agent_origin + Ra @ trk.offset
-                if np.hypot(centre[0] - ego_xy[0], centre[1] - ego_xy[1]) > lidar.max_range_m:
-                    continue
-                track_poses.append((trk, _se3_inverse(T) @ _se3(Ra, centre)))
         rng = np.random.default_rng([seed, k, 7])
-        res = cast(sensor_city, dirs_c, scene.ground, P, lidar.max_range_m, rng)
-        table = P.table()
-        hit = res.prim >= 0
-        rng_t = res.t
-        # dropout grows with range, for dark surfaces and for ground seen at grazing angles
-        # (weak returns); the ground's normal is taken as up (slopes are a few degrees)
-        prim_all = np.maximum(res.prim, 0)
-        refl = table['reflectivity'][prim_all]
-        cos_inc = np.where(table['ground'][prim_all], np.abs(dirs_c[:, 2]), 1.0)
-        p_drop = (lidar.dropout + 0.25 * (np.where(hit, rng_t, 0) / lidar.max_range_m) ** 3 * (1.2 - refl)
-                  + 0.3 * (1.0 - cos_inc) ** 8)
-        hit &= rng.random(len(hit)) >= p_drop
-        noisy = rng_t + rng.normal(0.0, lidar.range_noise_m, size=len(rng_t))
-        keep = np.flatnonzero(hit & (noisy > 0.5) & (noisy <= lidar.max_range_m))
-        r = noisy[keep]
-        pc = sensor_city + r[:, None] * dirs_c[keep]
-        pe = (pc - T[:3, 3]) @ R                     # city -> ego (R orthonormal)
-        prim = res.prim[keep]
-        falloff = (1.0 - 0.5 * (r / lidar.max_range_m)) * (0.3 + 0.7 * np.sqrt(cos_inc[keep]))
-        # gains put mean intensities near real AV2 sweeps (ground ~12, the rest ~23, signs bright)
-        refl_k = table['reflectivity'][prim]
-        gain = np.where(table['ground'][prim], 0.5, np.where(refl_k >= 0.9, 1.0, 0.25))
-        inten = np.clip(255.0 * refl_k * gain * falloff + rng.normal(0, 2.0, len(r)), 0, 255)
-        out_sweeps.append(Sweep(
-            int(stamps[k]), pe.astype(np.float32), inten.astype(np.uint8), laser[keep].astype(np.uint8),
-            (column[keep] * (SWEEP_PERIOD_NS // lidar.azimuths)).astype(np.int32),
-            table['ground'][prim].copy(), table['instance'][prim].astype(np.int32)))
-        pts = out_sweeps[-1].points
-        index = _PointIndex(pts)
-        quats = [_matrix_to_quat(ego_T_obj[:3, :3]) for _, ego_T_obj in track_poses]
-        Rqs = quat_wxyz_to_mat(np.array(quats)) if quats else []
-        for (trk, ego_T_obj), q, Rq in zip(track_poses, quats, Rqs):
-            tvec = ego_T_obj[:3, 3]
-            n_in = int(interior_mask(pts, index, Rq, tvec, trk.dims).sum())
-            if n_in == 0:
-                continue    # as AV2: no cuboid without a lidar point (av2's loader drops them too)
-            ann_rows.append((int(stamps[k]), trk.uuid, trk.category, float(trk.dims[0]), float(trk.dims[1]),
-                             float(trk.dims[2]), *map(float, q), *map(float, tvec), n_in))
+        sw = _simulate_sweep(scene, lidar, clock, k, int(stamps[k]), rng)
+        out_sweeps.append(sw)
+        ann_rows += _annotate(scene, lidar, clock, k, int(stamps[k]), sw.points)
     ann = pd.DataFrame(ann_rows, columns=list(ANNOTATION_COLUMNS))
     ann = ann.astype({c: ('int64' if c in ('timestamp_ns', 'num_interior_pts') else
                           str if c in ('track_uuid', 'category') else 'float64') for c in ANNOTATION_COLUMNS})
@@ -399,6 +370,224 @@ def simulate_log(seed: int, sweeps: int, lidar: LidarConfig | None = None,
     if with_flow:
         out.flows = compute_flows(out)
     return out
+
+
+class _SweepClock:
+    """Firing times of a log's rays and the ego/agent poses at them (computed once per log).
+
+    A column is fired ``column * (100 ms // azimuths)`` after its sweep's stamp (``offset_ns``);
+    a rolling-shutter revolution is cast in ``ROLLING_SLICES`` azimuth slices, each against the
+    world at its mid time, and each return is then carried to its own column's time (see
+    :func:`_carry_to_firing_time`), so the written point and its ``offset_ns`` agree exactly.
+    """
+
+    def __init__(self, scene: Scene, lidar: LidarConfig, times: np.ndarray):
+        self.rolling = lidar.shutter != 'global'
+        A = lidar.azimuths
+        self.n_slices = ROLLING_SLICES if self.rolling else 1
+        self.column_s = np.arange(A) * (SWEEP_PERIOD_NS // A) * 1e-9
+        bounds = [j * A // self.n_slices for j in range(self.n_slices + 1)]
+        self.slices = list(zip(bounds[:-1], bounds[1:]))
+        mids = np.array([(c0 + c1 - 1) / 2 for c0, c1 in self.slices]) * (SWEEP_PERIOD_NS // A) * 1e-9
+        self.times = times
+        # per sweep: slice times (rolling) or the stamp itself (global)
+        self.slice_t = times[:, None] + (mids[None, :] if self.rolling else 0.0)
+        self.horizon = float(times[-1]) + 0.1
+        self.slice_pose = scene.city_T_ego(self.slice_t.ravel()).reshape(len(times), self.n_slices, 4, 4)
+        self.agent_xyyaw = [np.stack(a.poses(self.slice_t.ravel(), self.horizon), 0).reshape(
+            3, len(times), self.n_slices) for a in scene.agents]
+        self.sweep_pose = scene.city_T_ego(times)
+
+    def column_pose(self, scene: Scene, k: int) -> np.ndarray:
+        """(A,4,4) ego pose at each column's firing time in sweep k."""
+        return scene.city_T_ego(self.times[k] + self.column_s)
+
+
+EGO_BODY_INSTANCE = -2
+
+
+def _world(scene: Scene, lidar: LidarConfig, T: np.ndarray, xyyaw: np.ndarray) -> Primitives:
+    """Primitives at one instant: static world, agents within reach of the ego, the ego's body.
+
+    ``xyyaw``: (3, n_agents) agent poses at that instant. The ego's own body occludes the rays
+    that would hit it (a shadow around the car, as on a real roof mount); those returns are
+    dropped, as drivers and AV2 drop self-returns.
+    """
+    P = _copy_static(scene.static)
+    ego_xy = T[:2, 3]
+    if scene.agents:
+        zs = scene.surface_height(xyyaw[0], xyyaw[1])
+        for agent, x, y, yaw, z in zip(scene.agents, xyyaw[0], xyyaw[1], xyyaw[2], zs):
+            if np.hypot(x - ego_xy[0], y - ego_xy[1]) > lidar.max_range_m + 15.0:
+                continue        # neither visible nor annotated (tracks lie within a few m of x, y)
+            Ra = agent_rotation(scene, agent, float(x), float(y), float(yaw))
+            _agent_primitives(P, agent, Ra, np.array([x, y, z]), float(yaw))
+    roof = min(1.55, lidar.sensor_xyz[2] - 0.25)
+    centre = T[:3, :3] @ np.array([EGO_LENGTH / 2 - EGO_REAR_OVERHANG, 0.0, (0.2 + roof) / 2]) + T[:3, 3]
+    P.add_box(centre, (EGO_LENGTH / 2, EGO_WIDTH / 2, (roof - 0.2) / 2), float(np.arctan2(T[1, 0], T[0, 0])),
+              instance=EGO_BODY_INSTANCE, rotation=T[:3, :3])
+    return P
+
+
+def _cast_sweep(scene: Scene, lidar: LidarConfig, clock: _SweepClock, k: int, rng) -> dict:
+    """Cast sweep k slice by slice; per ray: range, what it hit, origin and direction (city)."""
+    dirs_e, laser, column = lidar.ray_grid()
+    n, B = len(dirs_e), lidar.beams
+    out = {'t': np.full(n, np.inf), 'inst': np.full(n, -1, np.int32), 'ground': np.zeros(n, bool),
+           'refl': np.zeros(n), 'origin': np.zeros((n, 3)), 'dirs': np.zeros((n, 3)),
+           'slice_t': np.zeros(n), 'laser': laser, 'column': column}
+    sensor = np.asarray(lidar.sensor_xyz, dtype=np.float64)
+    for j, (c0, c1) in enumerate(clock.slices):
+        T = clock.slice_pose[k, j]
+        xyyaw = (np.stack([p[:, k, j] for p in clock.agent_xyyaw], 1) if clock.agent_xyyaw
+                 else np.zeros((3, 0)))
+        P = _world(scene, lidar, T, xyyaw)
+        sl = slice(c0 * B, c1 * B)
+        o = T[:3, :3] @ sensor + T[:3, 3]
+        d = dirs_e[sl] @ T[:3, :3].T
+        res = cast(o, d, scene.ground, P, lidar.max_range_m, rng)
+        tab = P.table()
+        pr = np.maximum(res.prim, 0)
+        out['t'][sl] = np.where(tab['instance'][pr] == EGO_BODY_INSTANCE, np.inf, res.t)
+        out['inst'][sl] = np.where(res.prim >= 0, tab['instance'][pr], -1)
+        out['ground'][sl] = tab['ground'][pr] & (res.prim >= 0)
+        out['refl'][sl] = tab['reflectivity'][pr]
+        out['origin'][sl] = o
+        out['dirs'][sl] = d
+        out['slice_t'][sl] = clock.slice_t[k, j]
+    return out
+
+
+def _drop_returns(lidar: LidarConfig, ray: dict, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Return the indices of the rays that return, and their noisy ranges.
+
+    Dropout grows with range, for dark surfaces and for ground seen at grazing angles (weak
+    returns; the ground's normal is taken as up, slopes are a few degrees); with
+    ``range_10pct_m`` a return also fades past the range the sensor reaches on its reflectivity
+    (lidar equation: reach ~ sqrt(reflectivity)).
+    """
+    t, refl, dirs = ray['t'], ray['refl'], ray['dirs']
+    hit = np.isfinite(t)
+    cos_inc = np.where(ray['ground'], np.abs(dirs[:, 2]), 1.0)
+    r0 = np.where(hit, t, 0.0)
+    p_drop = (lidar.dropout + 0.25 * (r0 / lidar.max_range_m) ** 3 * (1.2 - refl)
+              + 0.3 * (1.0 - cos_inc) ** 8)
+    if lidar.range_10pct_m is not None:
+        reach = lidar.range_10pct_m * np.sqrt(np.maximum(refl, 0.01) / 0.1)
+        p_drop = p_drop + 1.0 / (1.0 + np.exp(-np.clip((r0 - reach) / (0.08 * reach), -50, 50)))
+    hit &= rng.random(len(hit)) >= p_drop
+    noisy = t + rng.normal(0.0, lidar.range_noise_m, size=len(t))
+    keep = np.flatnonzero(hit & (noisy > lidar.min_range_m) & (noisy <= lidar.max_range_m))
+    return keep, noisy[keep]
+
+
+def _carry_to_firing_time(scene: Scene, clock: _SweepClock, X: np.ndarray, inst: np.ndarray,
+                          t_from: np.ndarray, t_to: np.ndarray) -> np.ndarray:
+    """Move returns on moving agents rigidly from their slice time to their column's time.
+
+    The static world stays put; an agent's point turns by its change of heading about its
+    origin and follows it (height from the ground under it). At most half a slice (2.5 ms):
+    the point stays on the object's surface; its ray direction shifts by <= 8 cm at 30 m/s.
+    """
+    X = X.copy()
+    by_inst = {a.instance: a for a in scene.agents if a.profile is not None}
+    for i in np.unique(inst[inst >= 0]):
+        agent = by_inst.get(int(i))
+        if agent is None:
+            continue
+        m = np.flatnonzero(inst == i)
+        x0, y0, w0 = agent.poses(t_from[m], clock.horizon)
+        x1, y1, w1 = agent.poses(t_to[m], clock.horizon)
+        c, s = np.cos(w1 - w0), np.sin(w1 - w0)
+        dx, dy = X[m, 0] - x0, X[m, 1] - y0
+        X[m, 0] = x1 + c * dx - s * dy
+        X[m, 1] = y1 + s * dx + c * dy
+        X[m, 2] += scene.ground.height(x1, y1) - scene.ground.height(x0, y0)
+    return X
+
+
+def _simulate_sweep(scene: Scene, lidar: LidarConfig, clock: _SweepClock, k: int, stamp: int, rng) -> Sweep:
+    """Cast, drop, carry and express one sweep (frame per ``lidar.shutter``)."""
+    ray = _cast_sweep(scene, lidar, clock, k, rng)
+    keep, r = _drop_returns(lidar, ray, rng)
+    column = ray['column'][keep]
+    inst = ray['inst'][keep]
+    pc = ray['origin'][keep] + r[:, None] * ray['dirs'][keep]
+    if clock.rolling:
+        t_fire = clock.times[k] + clock.column_s[column]
+        pc = _carry_to_firing_time(scene, clock, pc, inst, ray['slice_t'][keep], t_fire)
+    if lidar.shutter == 'raw':          # each point in the sensor pose of its own firing time
+        Tc = clock.column_pose(scene, k)[column]
+        pe = np.einsum('nji,nj->ni', Tc[:, :3, :3], pc - Tc[:, :3, 3])
+    else:
+        T = clock.sweep_pose[k]
+        pe = (pc - T[:3, 3]) @ T[:3, :3]                 # city -> ego (R orthonormal)
+    is_ground = ray['ground'][keep]
+    cos_inc = np.where(is_ground, np.abs(ray['dirs'][keep, 2]), 1.0)
+    falloff = (1.0 - 0.5 * (r / lidar.max_range_m)) * (0.3 + 0.7 * np.sqrt(cos_inc))
+    # gains put mean intensities near real AV2 sweeps (ground ~12, the rest ~23, signs bright)
+    refl_k = ray['refl'][keep]
+    gain = np.where(is_ground, 0.5, np.where(refl_k >= 0.9, 1.0, 0.25))
+    inten = np.clip(255.0 * refl_k * gain * falloff + rng.normal(0, 2.0, len(r)), 0, 255)
+    return Sweep(stamp, pe.astype(np.float32), inten.astype(np.uint8), ray['laser'][keep].astype(np.uint8),
+                 (column * (SWEEP_PERIOD_NS // lidar.azimuths)).astype(np.int32), is_ground.copy(),
+                 inst.astype(np.int32))
+
+
+def _annotate(scene: Scene, lidar: LidarConfig, clock: _SweepClock, k: int, stamp: int,
+              pts: np.ndarray) -> list[tuple]:
+    """Cuboid rows of sweep k: each track where the sensor saw it (av2 columns).
+
+    With a rolling shutter an object is annotated at the firing time of the column through its
+    centre, in the frame its points are written in, as an annotator fits a box to the points.
+    """
+    t_k = float(clock.times[k])
+    T = clock.sweep_pose[k]
+    ego_xy = T[:2, 3]
+    sensor = np.asarray(lidar.sensor_xyz, dtype=np.float64)
+    index = _PointIndex(pts)
+    rows = []
+    for agent in scene.agents:
+        x, y, yaw = (float(v[0]) for v in agent.poses(np.array([t_k]), clock.horizon))
+        if np.hypot(x - ego_xy[0], y - ego_xy[1]) > lidar.max_range_m + 15.0:
+            continue
+        for trk in agent.tracks:
+            t_obs, frame = t_k, T
+            if clock.rolling:
+                # a static object in a raw sweep is boxed where the log's first sweep saw it and
+                # carried by the ego motion, so it moves exactly as the static world's ego rule
+                # says (never "dynamic"); movers are boxed at their own firing time
+                k_ref = 0 if (agent.profile is None and lidar.shutter == 'raw') else k
+                t_ref = float(clock.times[k_ref])
+                T_ref = clock.sweep_pose[k_ref]
+                z = float(scene.surface_height(np.array([x]), np.array([y]))[0])
+                c_e = (_pose_of(scene, agent, x, y, yaw, z) @ np.append(trk.offset, 1.0))[:3]
+                rel = (c_e - T_ref[:3, 3]) @ T_ref[:3, :3] - sensor
+                col = int(np.round((np.pi - np.arctan2(rel[1], rel[0])) / (2 * np.pi) * lidar.azimuths))
+                t_obs = t_ref + clock.column_s[col % lidar.azimuths]
+                if lidar.shutter == 'raw':
+                    frame = T @ _se3_inverse(T_ref) @ scene.city_T_ego(np.array([t_obs]))[0]
+                    if k_ref != k:
+                        t_obs = t_k          # static: its pose does not depend on time
+            xo, yo, wo = (float(v[0]) for v in agent.poses(np.array([t_obs]), clock.horizon))
+            zo = float(scene.surface_height(np.array([xo]), np.array([yo]))[0])
+            city_obj = _pose_of(scene, agent, xo, yo, wo, zo) @ _se3(np.eye(3), trk.offset)
+            if np.hypot(*(city_obj[:2, 3] - ego_xy)) > lidar.max_range_m:
+                continue
+            ego_T_obj = _se3_inverse(frame) @ city_obj
+            q = _matrix_to_quat(ego_T_obj[:3, :3])
+            Rq = quat_wxyz_to_mat(q)
+            tvec = ego_T_obj[:3, 3]
+            n_in = int(interior_mask(pts, index, Rq, tvec, trk.dims).sum())
+            if n_in == 0:
+                continue    # as AV2: no cuboid without a lidar point (av2's loader drops them too)
+            rows.append((stamp, trk.uuid, trk.category, float(trk.dims[0]), float(trk.dims[1]),
+                         float(trk.dims[2]), *map(float, q), *map(float, tvec), n_in))
+    return rows
+
+
+def _pose_of(scene: Scene, agent: Agent, x: float, y: float, yaw: float, z: float) -> np.ndarray:
+    return _se3(agent_rotation(scene, agent, x, y, yaw), np.array([x, y, z]))
 
 
 def _matrix_to_quat(R: np.ndarray) -> np.ndarray:
@@ -601,7 +790,8 @@ def _write_log_files(log_: SynthLog, d: Path, lidar: LidarConfig) -> None:
         json.dumps(_vector_map(log_.scene)))
     (d / 'synth.json').write_text(json.dumps({
         'generator': 'zeroflow_training.data.synth', 'version': GENERATOR_VERSION, 'seed': int(log_.seed),
-        'sweeps': len(log_.sweeps), 'ego_mode': log_.scene.ego_mode, 'lidar': asdict(lidar)}, indent=1,
+        'sweeps': len(log_.sweeps), 'ego_mode': log_.scene.ego_mode, 'scene_kind': log_.scene.kind,
+        'lidar': asdict(lidar)}, indent=1,
         sort_keys=True))
 
 
@@ -615,7 +805,7 @@ def generate_one(seed: int, split_dir: Path, sweeps: int, lidar: LidarConfig | N
     path = write_log(lg, split_dir, lidar)
     return {'seed': int(seed), 'log_id': lg.log_id, 'path': str(path), 'seconds': time.perf_counter() - t0,
             'cpu_seconds': time.process_time() - c0, 'points': [len(s.points) for s in lg.sweeps],
-            'ego_mode': lg.scene.ego_mode}
+            'ego_mode': lg.scene.ego_mode, 'scene_kind': lg.scene.kind}
 
 
 def split_seeds(split: str, count: int, seed: int) -> list[int]:
