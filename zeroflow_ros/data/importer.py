@@ -32,8 +32,11 @@ moment*, so a moving sensor smears the sweep (3 cm at 3 m/s over a 10 ms slice o
 the sweep time: ``p_i' = inv(W(t_s)) @ W(t_i) @ p_i`` with ``W = world_T_ego`` interpolated between
 poses (linear translation, slerp rotation: :func:`zeroflow_ros.data.bag.interpolate_pose`) and
 extrapolated at the ends with the nearest segment's constant motion. It needs per-point times and
-poses; ``offset_ns`` is kept, so a consumer can tell. Times are grouped in 100 µs bins (< 3 mm at
-30 m/s).
+poses; ``offset_ns`` is kept and import.json says how many sweeps were de-skewed. Times are grouped
+in 100 µs bins (< 3 mm at 30 m/s). KISS-ICP registers the sweeps as measured (a constant-velocity
+skew is the same in consecutive sweeps, so their relative motion is unbiased). On the bundled Ouster
+scans (~2.5 m/s) de-skewing halves the seam: points at the last vs first azimuths of a sweep are
+0.14-0.16 m apart (median nearest neighbour) as measured, 0.06-0.07 m de-skewed.
 
 Bad input raises :class:`~zeroflow_ros.data.av2.DataError` naming what was expected and what came.
 """
