@@ -37,6 +37,9 @@ if [ ! -f "$stamp" ]; then
   [ "$verb" = test ] && extras=ros,dev
   [ -f "$VENV/.zeroflow-dev" ] && extras=ros,dev
   "$VENV/bin/python" -m pip install -q -e ".[$extras]"
+  # Ouster pcap import: ouster-sdk pins rosbags==0.9.23, which lacks ROS 2 Kilted (we need >=0.10);
+  # its pcap reader only needs numpy and an importable rosbags, so it goes in without its pins.
+  "$VENV/bin/python" -m pip install -q --no-deps ouster-sdk==1.0.1
   [ "$extras" = ros,dev ] && touch "$VENV/.zeroflow-dev"
   rm -f "$VENV"/.zeroflow-installed-*
   touch "$stamp"

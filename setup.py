@@ -53,7 +53,8 @@ setup(
         # clustering for the rigid-object teacher and label refinement
         'scikit-learn>=1.3',
         # maintained PCD reader (replaces the hand-written LZF decoder)
-        'pypcd4>=1.1',
+        'pypcd4>=1.5,<2',
+        'python-neo-lzf>=0.3',
         'setuptools',
     ],
     extras_require={
