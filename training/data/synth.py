@@ -28,8 +28,9 @@ Conventions and simplifications (say them out loud, they matter for what a model
   motion from the first sweep, so they move exactly by the ego rule). A mover cut by the seam
   of the revolution (straight behind) shows up twice, 100 ms apart, as on real sensors; its box
   holds one part, the other takes the static rule.
-* The ego's body (4.9 x 2.0 m, roof 0.25 m under the sensor, at most 1.55 m) occludes the rays
-  that would hit it; such self-returns are dropped, returns nearer than ``min_range_m`` too.
+* The ego's body (4.9 x 2.0 m up to 1.0 m, a cabin up to the roof 0.6 m under the sensor, at
+  most 1.5 m) occludes the rays that would hit it; such self-returns are dropped, as are
+  returns nearer than ``min_range_m``.
 * Ego frame as AV2: x forward, y left, z up, origin on the ground under the rear axle; the
   sensor sits at ``LidarConfig.sensor_xyz`` (default 1.35, 0, 1.8 m).
 * **Ground truth is the official AV2 rule, reimplemented in numpy** (av2
@@ -422,10 +423,17 @@ def _world(scene: Scene, lidar: LidarConfig, T: np.ndarray, xyyaw: np.ndarray) -
                 continue        # neither visible nor annotated (tracks lie within a few m of x, y)
             Ra = agent_rotation(scene, agent, float(x), float(y), float(yaw))
             _agent_primitives(P, agent, Ra, np.array([x, y, z]), float(yaw))
-    roof = min(1.55, lidar.sensor_xyz[2] - 0.25)
-    centre = T[:3, :3] @ np.array([EGO_LENGTH / 2 - EGO_REAR_OVERHANG, 0.0, (0.2 + roof) / 2]) + T[:3, 3]
-    P.add_box(centre, (EGO_LENGTH / 2, EGO_WIDTH / 2, (roof - 0.2) / 2), float(np.arctan2(T[1, 0], T[0, 0])),
-              instance=EGO_BODY_INSTANCE, rotation=T[:3, :3])
+    # body (bonnet/boot height) over the whole footprint, and a cabin up to the roof, which sits
+    # 0.6 m under the sensor (a roof rack) and at most 1.5 m high: as on KITTI's bundled sweeps,
+    # the lowest beam (-24.8 deg) clears the cabin to the front and sides but not the boot
+    roof = min(1.5, lidar.sensor_xyz[2] - 0.6)
+    yaw = float(np.arctan2(T[1, 0], T[0, 0]))
+    nose = EGO_LENGTH - EGO_REAR_OVERHANG
+    for x0, x1, half_w, top in ((-EGO_REAR_OVERHANG, nose, EGO_WIDTH / 2, min(1.0, roof)),
+                                (0.2, 2.4, EGO_WIDTH / 2 - 0.15, roof)):
+        centre = T[:3, :3] @ np.array([(x0 + x1) / 2, 0.0, (0.2 + top) / 2]) + T[:3, 3]
+        P.add_box(centre, ((x1 - x0) / 2, half_w, (top - 0.2) / 2), yaw, instance=EGO_BODY_INSTANCE,
+                  rotation=T[:3, :3])
     return P
 
 
