@@ -3,20 +3,23 @@
 For each point count (real KITTI sweeps from data/samples, subsampled or repeated with jitter to
 the count) the node runs in-process with a publisher node on the same machine:
 
-1. steady: clouds at --rate Hz (10) -> latency p50/p99 (node-side, receive -> publish), stage
-   timings from ~/debug/*_ms, output rate, stale drops;
-2. overload: clouds at 2x the measured processing rate -> latency must stay bounded (latest wins:
-   at most one frame waits) and the dropped frames are counted.
+1. steady: clouds at --rate Hz (10) -> latency p50/p99 (node-side, receive -> publish), the
+   node's per-stage wall times (decode ... publish), output rate, stale drops;
+2. overload: clouds at --overload-rate Hz (20) -> latency must stay bounded (latest wins: at most
+   one message and one pair wait) and the dropped sweeps are counted.
 
-    python bench/bench_node.py --points 60000,100000 --json out.json
-    python bench/bench_node.py --model models/default --backend onnxruntime --ego-motion lidar
+    python bench/bench_node.py --rate 10 --points 100000          # shipped model, default parameters
+    python bench/bench_node.py --soak 30 --points 100000           # flows/s, p50/p99, RSS per minute
+    python bench/bench_node.py --model random --config cpu_small  # untrained model of a config
 
-Without --model a randomly initialised model of --config (cpu_small) is used: latency does not
-depend on the weights.
+The node runs with its default parameters (lidar odometry on, models/default) unless told
+otherwise; the publisher lives in the same process (its CPU counts against the node's 2 cores
+too, as a lidar driver would).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -33,7 +36,7 @@ KITTI = ROOT / 'data' / 'samples' / 'kitti_raw_sfnd_seq' / 'velodyne_points' / '
 
 
 def sweeps(n_points: int, seed: int = 0) -> list[np.ndarray]:
-    """The 10 KITTI sweeps at exactly ``n_points`` points each (subsample or repeat with 1 cm jitter)."""
+    """Return the 10 KITTI sweeps at ``n_points`` points each (subsampled, or repeated with 1 cm jitter)."""
     rng = np.random.default_rng(seed)
     out = []
     for path in sorted(KITTI.glob('*.bin')):
@@ -62,42 +65,111 @@ def pct(values, q):
     return round(float(np.percentile(values, q)), 1) if len(values) else float('nan')
 
 
-def run_phase(node, pub, clouds, rate_hz: float, count: int, stamp0: int, debug: dict) -> dict:
-    """Publish ``count`` clouds at ``rate_hz``; return node-side latency and counters for them."""
-    from zeroflow_ros.core import pointcloud2 as pc2
-    msgs = [pc2.encode(c, {}, frame_id='velodyne', stamp_ns=0) for c in clouds]
-    s = node.stats
-    base = dict(received=s.received, published=s.published, dropped=s.dropped_stale,
-                lat=len(s.latencies_ms), errors=s.errors_total)
-    s.latencies_ms = type(s.latencies_ms)(maxlen=10_000)
-    for k in debug:
-        debug[k].clear()
-    period = 1.0 / rate_hz
-    t_next = time.monotonic()
-    t_start = t_next
-    for i in range(count):
-        k = i % (2 * len(msgs) - 2)  # ping-pong through the sequence: no jump for lidar odometry
-        msg = msgs[k if k < len(msgs) else 2 * len(msgs) - 2 - k]
-        stamp = stamp0 + i * int(period * 1e9)
-        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp, 1_000_000_000)
-        time.sleep(max(0.0, t_next - time.monotonic()))
-        pub.publish(msg)
-        t_next += period
+STAGES = ('decode', 'check', 'ground', 'odometry', 'sweep_pillars', 'pair_points', 'network', 'scatter',
+          'encode', 'publish', 'markers')
+
+
+class Publisher:
+    """Clouds at a fixed rate, played back and forth (no jump for the lidar odometry), stamps at the rate."""
+
+    def __init__(self, pub, clouds, stamp0: int):
+        from zeroflow_ros.core import pointcloud2 as pc2
+        self.pub = pub
+        self.msgs = [pc2.encode(c, {}, frame_id='velodyne', stamp_ns=0) for c in clouds]
+        self.stamp = stamp0
+        self.i = 0
+
+    def run(self, rate_hz: float, count: int | None = None, until: float | None = None) -> int:
+        period = 1.0 / rate_hz
+        t_next = time.monotonic()
+        sent = 0
+        while (count is None or sent < count) and (until is None or t_next < until):
+            n = len(self.msgs)
+            k = self.i % (2 * n - 2)
+            msg = self.msgs[k if k < n else 2 * n - 2 - k]
+            self.stamp += int(period * 1e9)
+            msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(self.stamp, 1_000_000_000)
+            time.sleep(max(0.0, t_next - time.monotonic()))
+            self.pub.publish(msg)
+            self.i += 1
+            sent += 1
+            t_next += period
+        return sent
+
+
+class Window:
+    """Node counters and latencies since the window opened."""
+
+    def __init__(self, node):
+        s = self.s = node.stats
+        # large enough for a 30-minute soak at 20 Hz; the node keeps 200 by default
+        if s.latencies_ms.maxlen < 100_000:
+            s.latencies_ms = collections.deque(s.latencies_ms, maxlen=100_000)
+            s.stages_ms = collections.deque(s.stages_ms, maxlen=100_000)
+        self.base = dict(received=s.received, published=s.published, dropped=s.dropped_stale,
+                         pairs=s.dropped_pairs, errors=s.errors_total, lat=len(s.latencies_ms),
+                         stages=len(s.stages_ms))
+        self.t0 = time.monotonic()
+
+    def result(self, rate_hz: float, sent: int) -> dict:
+        s, b = self.s, self.base
+        wall = time.monotonic() - self.t0
+        lat = list(s.latencies_ms)[b['lat']:]
+        stages = list(s.stages_ms)[b['stages']:]
+        return {
+            'input_hz': round(rate_hz, 2), 'sent': sent,
+            'received': s.received - b['received'], 'published': s.published - b['published'],
+            'dropped_stale': s.dropped_stale - b['dropped'], 'dropped_pairs': s.dropped_pairs - b['pairs'],
+            'errors': s.errors_total - b['errors'],
+            'flows_per_s': round((s.published - b['published']) / wall, 2),
+            'latency_ms_p50': pct(lat, 50), 'latency_ms_p99': pct(lat, 99),
+            'latency_ms_max': round(max(lat), 1) if lat else float('nan'),
+            'stages_ms_p50': {k: pct([st.get(k, 0.0) for st in stages], 50) for k in STAGES},
+            'rss_mb': rss_mb(), 'load_avg_1min': round(os.getloadavg()[0], 2),
+        }
+
+
+def rss_mb() -> float:
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith('VmRSS:'):
+            return round(int(line.split()[1]) / 1024.0, 1)
+    return float('nan')
+
+
+def run_phase(node, publisher: Publisher, rate_hz: float, count: int) -> dict:
+    """Publish ``count`` clouds at ``rate_hz``; return node-side latency, counters and stages for them."""
+    win = Window(node)
+    sent = publisher.run(rate_hz, count=count)
     node.wait_idle(30)
-    wall = time.monotonic() - t_start
-    lat = list(s.latencies_ms)
-    return {
-        'input_hz': round(rate_hz, 2),
-        'sent': count,
-        'received': s.received - base['received'],
-        'published': s.published - base['published'],
-        'dropped_stale': s.dropped_stale - base['dropped'],
-        'errors': s.errors_total - base['errors'],
-        'output_hz': round((s.published - base['published']) / wall, 2),
-        'latency_ms_p50': pct(lat, 50), 'latency_ms_p99': pct(lat, 99),
-        'latency_ms_max': round(max(lat), 1) if lat else float('nan'),
-        'stages_ms_p50': {k: pct(v, 50) for k, v in debug.items()},
-    }
+    return win.result(rate_hz, sent)
+
+
+def soak(node, publisher: Publisher, rate_hz: float, minutes: float) -> list[dict]:
+    """Publish at ``rate_hz`` for ``minutes``; one row per minute (flows/s, p50/p99, RSS, drops)."""
+    rows = []
+    end = time.monotonic() + 60.0 * minutes
+    while time.monotonic() < end - 1.0:
+        win = Window(node)
+        sent = publisher.run(rate_hz, until=min(end, time.monotonic() + 60.0))
+        row = win.result(rate_hz, sent)
+        row['minute'] = len(rows) + 1
+        rows.append(row)
+        print(f"soak min {row['minute']:>3}: {row['flows_per_s']} flows/s, "
+              f"latency p50 {row['latency_ms_p50']} p99 {row['latency_ms_p99']} ms, "
+              f"dropped {row['dropped_stale']}/{row['received']}, "
+              f"RSS {row['rss_mb']} MB, load {row['load_avg_1min']}", flush=True)
+    node.wait_idle(30)
+    return rows
+
+
+def drift(rows: list[dict], key: str) -> float:
+    """Relative change (%) of ``key`` from the first to the last third of a soak."""
+    vals = [r[key] for r in rows if np.isfinite(r[key])]
+    if len(vals) < 3:
+        return float('nan')
+    k = max(1, len(vals) // 3)
+    a, b = float(np.mean(vals[:k])), float(np.mean(vals[-k:]))
+    return round((b - a) / a * 100.0, 1) if a else float('nan')
 
 
 def pipeline_only(a: argparse.Namespace, model: str) -> dict:
@@ -129,64 +201,82 @@ def pipeline_only(a: argparse.Namespace, model: str) -> dict:
     return out
 
 
+def stage_line(stages: dict) -> str:
+    return ', '.join(f'{k} {v}' for k, v in stages.items())
+
+
+def node_params(a: argparse.Namespace, model: str) -> list:
+    """Only what the command line sets: everything else stays at the node's defaults."""
+    from rclpy.parameter import Parameter
+    params = [Parameter('model', value=model)]
+    for name, value in (('backend', a.backend), ('precision', a.precision), ('ego_motion', a.ego_motion)):
+        if value is not None:
+            params.append(Parameter(name, value=value))
+    return params
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    ap.add_argument('--points', default='60000,100000')
-    ap.add_argument('--model', default=None, help='model path (default: random-init --config)')
-    ap.add_argument('--config', default='cpu_small', help='model config for the random-init model')
+    ap.add_argument('--points', default='100000')
+    ap.add_argument('--model', default=str(ROOT / 'models' / 'default'),
+                    help="model path (default: the shipped models/default); 'random' = untrained --config")
+    ap.add_argument('--config', default='cpu_small', help='model config for --model random')
     ap.add_argument('--no-onnx', action='store_true', help='random-init model as a checkpoint only (torch)')
-    ap.add_argument('--backend', default='auto')
-    ap.add_argument('--ego-motion', default='none', choices=('none', 'lidar'))
+    ap.add_argument('--backend', default=None, help='node parameter backend (default: the node default)')
+    ap.add_argument('--precision', default=None, help='node parameter precision (default: the node default)')
+    ap.add_argument('--ego-motion', default=None, choices=('none', 'lidar'),
+                    help='node parameter ego_motion (default: the node default, lidar)')
     ap.add_argument('--rate', type=float, default=10.0)
-    ap.add_argument('--count', type=int, default=40, help='clouds per steady phase')
-    ap.add_argument('--overload-count', type=int, default=30)
+    ap.add_argument('--count', type=int, default=100, help='clouds per steady phase')
+    ap.add_argument('--overload-rate', type=float, default=20.0)
+    ap.add_argument('--overload-count', type=int, default=60)
+    ap.add_argument('--soak', type=float, default=None, metavar='MINUTES',
+                    help='publish at --rate for MINUTES: flows/s, latency p50/p99 and RSS per minute')
     ap.add_argument('--device', default='auto', help='--pipeline-only: backend device')
-    ap.add_argument('--precision', default='fp32', help='--pipeline-only: backend precision')
     ap.add_argument('--pipeline-only', action='store_true',
                     help='time Pipeline.step without ROS (e.g. on a GPU machine without rclpy)')
     ap.add_argument('--json', default=None)
     a = ap.parse_args(argv)
+    tmp = tempfile.TemporaryDirectory()
+    model = a.model if a.model != 'random' else \
+        str(random_model(a.config, Path(tmp.name), onnx=not a.no_onnx))
     if a.pipeline_only:
-        with tempfile.TemporaryDirectory() as tmp:
-            model = a.model or str(random_model(a.config, Path(tmp), onnx=not a.no_onnx))
-            res = pipeline_only(a, model)
-        res['model'] = a.model or f'random-init {a.config}'
+        a.backend, a.precision = a.backend or 'auto', a.precision or 'fp32'
+        a.ego_motion = a.ego_motion or 'lidar'
+        res = pipeline_only(a, model)
+        res['model'] = a.model
         res['machine'] = {'cpu_count': os.cpu_count(), 'load_avg_1min': os.getloadavg()[0]}
         print(json.dumps(res, indent=1))
         if a.json:
             Path(a.json).write_text(json.dumps(res, indent=1))
         return 0
+    try:
+        results = run_node_bench(a, model)
+    finally:
+        tmp.cleanup()
+    print(json.dumps(results, indent=1))
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+    return 0
 
+
+def run_node_bench(a: argparse.Namespace, model: str) -> dict:
     os.environ.pop('_ROS_WHEELS_BOOTSTRAP_COMPLETE', None)
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
-    from rclpy.parameter import Parameter
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import PointCloud2
-    from std_msgs.msg import Float64
 
     from zeroflow_ros.node import ZeroFlowNode
     from zeroflow_ros.testing import ros_context, wait_for_matched
 
-    tmp = tempfile.TemporaryDirectory()
-    model = a.model or str(random_model(a.config, Path(tmp.name), onnx=not a.no_onnx))
     results = {'machine': {'cpu_count': os.cpu_count(), 'load_avg_1min': os.getloadavg()[0],
                            'processor': platform.processor() or platform.machine(),
                            'python': sys.version.split()[0]},
-               'model': a.model or f'random-init {a.config}', 'backend': a.backend,
-               'ego_motion': a.ego_motion, 'runs': []}
+               'model': a.model, 'runs': []}
     with ros_context() as ctx:
-        params = [Parameter('model', value=model), Parameter('backend', value=a.backend),
-                  Parameter('ego_motion', value=a.ego_motion),
-                  Parameter('latency_budget_ms', value=10000.0),
-                  Parameter('max_sweep_gap_s', value=10.0), Parameter('publish_markers', value=False)]
-        node = ZeroFlowNode('zf_bench', context=ctx, parameter_overrides=params)
+        node = ZeroFlowNode('zf_bench', context=ctx, parameter_overrides=node_params(a, model))
         probe = rclpy.create_node('zf_bench_probe', context=ctx)
-        debug: dict[str, list] = {k: [] for k in ('preprocess', 'inference', 'postprocess', 'total')}
-        be = QoSProfile(depth=10, reliability=ReliabilityPolicy.BEST_EFFORT)
-        for k in debug:
-            probe.create_subscription(Float64, f'/zf_bench/debug/{k}_ms',
-                                      lambda m, k=k: debug[k].append(m.data), be)
         probe.create_subscription(PointCloud2, '/zf_bench/output/flow', lambda m: None, 1)
         pub = probe.create_publisher(PointCloud2, '/zf_bench/input/pointcloud',
                                      QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
@@ -199,36 +289,36 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(1.0)  # node's own view of the flow subscriber (skip_when_no_subscribers)
         b = node.pipeline.describe()['backend']
         results['backend'] = f"{b.get('backend')}/{b.get('device')}/{b.get('precision')}"
+        results['onnx'] = b.get('onnx')
+        results['ego_motion'] = node.config.ego_motion
         results['grid'] = b.get('grid', {}).get('shape')
-        stamp = 1_000_000_000_000
         try:
             for n in [int(x) for x in a.points.split(',')]:
-                clouds = sweeps(n)
-                run_phase(node, pub, clouds, a.rate, 5, stamp, debug)  # warm-up
-                stamp += 10 * 10**9
-                steady = run_phase(node, pub, clouds, a.rate, a.count, stamp, debug)
-                stamp += 100 * 10**9
-                proc_ms = steady['stages_ms_p50'].get('total') or 100.0
-                over_rate = 2.0 * 1000.0 / max(proc_ms, 1.0)
-                overload = run_phase(node, pub, clouds, over_rate, a.overload_count, stamp, debug)
-                stamp += 100 * 10**9
-                run = {'points': n, 'steady': steady, 'overload_2x': overload}
-                results['runs'].append(run)
+                publisher = Publisher(pub, sweeps(n), 1_000_000_000_000)
+                run_phase(node, publisher, a.rate, 10)  # warm-up (odometry map, caches)
+                if a.soak:
+                    rows = soak(node, publisher, a.rate, a.soak)
+                    results['runs'].append({'points': n, 'soak': rows,
+                                            'drift_percent': {k: drift(rows, k) for k in
+                                                              ('flows_per_s', 'latency_ms_p50',
+                                                               'latency_ms_p99', 'rss_mb')}})
+                    print(f"soak drift first->last third (%): {results['runs'][-1]['drift_percent']}")
+                    continue
+                steady = run_phase(node, publisher, a.rate, a.count)
+                overload = run_phase(node, publisher, a.overload_rate, a.overload_count)
+                results['runs'].append({'points': n, 'steady': steady, 'overload': overload})
                 for name, r in (('steady', steady), ('overload', overload)):
-                    print(f'{n:>7} pts {name:>8} @{r["input_hz"]:5.1f} Hz: '
-                          f'latency p50 {r["latency_ms_p50"]} ms '
-                          f'p99 {r["latency_ms_p99"]} max {r["latency_ms_max"]} ms, out {r["output_hz"]} Hz, '
-                          f'dropped {r["dropped_stale"]}/{r["received"]}, stages p50 {r["stages_ms_p50"]}')
+                    print(f'{n:>7} pts {name:>8} @{r["input_hz"]:5.1f} Hz: {r["flows_per_s"]} flows/s, '
+                          f'latency p50 {r["latency_ms_p50"]} p99 {r["latency_ms_p99"]} '
+                          f'max {r["latency_ms_max"]} ms, dropped {r["dropped_stale"]}/{r["received"]} '
+                          f'(pairs {r["dropped_pairs"]}), errors {r["errors"]}, load {r["load_avg_1min"]}')
+                    print(f'{"":>12} stages p50 ms: {stage_line(r["stages_ms_p50"])}')
         finally:
             ex.shutdown()
             spin.join(5)
             node.destroy_node()
             probe.destroy_node()
-    print(json.dumps(results, indent=1))
-    if a.json:
-        Path(a.json).write_text(json.dumps(results, indent=1))
-    tmp.cleanup()
-    return 0
+    return results
 
 
 if __name__ == '__main__':

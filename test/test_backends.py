@@ -448,3 +448,34 @@ def test_infer_pillars_equals_infer_and_keeps_cached_pillars_intact(model_dir, p
         v2[:] = False  # the caller owns the result: the cached sweep is not touched
         assert np.array_equal(pil0.keep, keep0)
         assert b.last_timing.in_range0 == int(keep0.sum())
+
+
+def test_int8_model_is_checked_against_its_source_and_auto_falls_back(model_copy, pair, caplog):
+    """model.int8.onnx: close to fp32 (independent reference: the fp32 session), refused when made
+    from another model.onnx (with the command that rebuilds it), fp32 under 'auto' when missing."""
+    from zeroflow_ros.backends.int8 import INT8_INFO, INT8_ONNX, write_int8
+    p0, p1 = pair
+    src = resolve_model(model_copy)
+    with pytest.raises(BackendError, match='bench_quant.py'):  # none yet, explicit: clear error
+        create_backend(model_copy, backend='onnxruntime', device='cpu', precision='int8')
+    with caplog.at_level(logging.WARNING):
+        b = create_backend(model_copy, device='cpu', precision='int8')
+    assert (b.name, b.precision) == ('onnxruntime', 'fp32') and 'running fp32' in caplog.text
+    fp32 = create_backend(model_copy, backend='onnxruntime', device='cpu')
+    pil = [fp32.pillarize(p) for p in (_kitti(2), _kitti(3), _kitti(4))]
+    feeds = [{'pc0': a.points, 'idx0': a.idx, 'pc1': b.points, 'idx1': b.idx} for a, b in zip(pil, pil[1:])]
+    write_int8(src.manifest, feeds, {'pairs': len(feeds)})
+    q = create_backend(model_copy, backend='onnxruntime', device='cpu', precision='int8')
+    assert q.precision == 'int8' and q.describe()['onnx'].endswith(INT8_ONNX)
+    f32, v32 = fp32.infer(p0, p1)
+    f8, v8 = q.infer(p0, p1)
+    assert np.array_equal(v8, v32)
+    scale = np.abs(f32[v32]).mean()
+    assert np.abs(f8 - f32)[v32].mean() < 0.2 * scale  # quantised, not another network
+    info = yaml.safe_load((model_copy / INT8_INFO).read_text())
+    info['source_onnx_sha256'] = '0' * 64  # as after re-exporting a retrained model
+    (model_copy / INT8_INFO).write_text(yaml.safe_dump(info))
+    with pytest.raises(BackendError, match='made from another model.onnx'):
+        create_backend(model_copy, backend='onnxruntime', device='cpu', precision='int8')
+    with pytest.raises(BackendError, match='int8'):
+        create_backend(model_copy, backend='torch', device='cpu', precision='int8')

@@ -237,6 +237,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--ort-spin', action='store_true',
                         help='let onnxruntime worker threads busy-wait (off by default, as in the node)')
     parser.add_argument('--json', metavar='OUT', help='write the full report as JSON')
+    parser.add_argument('--node', action='store_true',
+                        help="the node's per-sweep cost stage by stage (decode, checks, odometry, ground, "
+                        'pillars, network, scatter, encode, markers) with --model (default models/default); '
+                        '--repeats = timed sweeps')
+    parser.add_argument('--ego-motion', default='lidar', choices=('lidar', 'none'),
+                        help='--node: ego motion source (default %(default)s, as the node)')
 
 
 def run(args: argparse.Namespace) -> int:
@@ -245,6 +251,8 @@ def run(args: argparse.Namespace) -> int:
         raise BenchError(f'--points {args.points!r}: expected positive integers')
     if args.repeats < 1 or args.warmup < 0:
         raise BenchError('--repeats must be >= 1 and --warmup >= 0')
+    if args.node:
+        return run_node(args, points)
     runs = parse_runs(_csv(args.backends), _csv(args.precisions))
     with tempfile.TemporaryDirectory(prefix='zeroflow_bench_') as tmp:
         if args.model:
@@ -259,6 +267,101 @@ def run(args: argparse.Namespace) -> int:
     if hasattr(os, 'getloadavg'):
         report['machine']['loadavg_after'] = [round(v, 2) for v in os.getloadavg()]
     print(format_table(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f'wrote {args.json}')
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# --node: the node's per-sweep work, stage by stage (ROS-free; DDS publish: bench/bench_node.py)
+# --------------------------------------------------------------------------------------------
+
+#: Stage order of the node; SWEEP_STAGES run on the sweep worker, the rest on the pair worker.
+SWEEP_STAGES = ('decode', 'check', 'ground', 'odometry', 'sweep_pillars')
+PAIR_STAGES = ('pair_points', 'network', 'scatter', 'encode', 'markers')
+NODE_STAGES = SWEEP_STAGES + PAIR_STAGES
+
+
+def kitti_sequence(n: int) -> list[np.ndarray]:
+    """All KITTI sample sweeps resampled to ``n`` points (as :func:`lidar_pair`), in time order."""
+    paths = sorted(KITTI_DIR.glob('*.bin'))
+    if len(paths) < 2:
+        raise BenchError(f'{KITTI_DIR}: expected the KITTI sample sweeps (data/samples is part of the repo)')
+    return list(lidar_pair(n, tuple(range(len(paths)))))
+
+
+def node_stage_times(model: str | os.PathLike, n: int, frames: int = 12, ego_motion: str = 'lidar',
+                     backend: str = 'onnxruntime') -> dict[str, Any]:
+    """Wall and thread-CPU ms per node stage at ``n`` points, sweeps played back and forth at 10 Hz."""
+    from zeroflow_ros import visualization as vis
+    from zeroflow_ros.core import pointcloud2 as pc2
+    from zeroflow_ros.pipeline import Pipeline, PipelineConfig, limit_blas_threads
+
+    limit_blas_threads(1)
+    pipe = Pipeline(PipelineConfig(model=str(model), backend=backend, ego_motion=ego_motion,
+                                   max_sweep_gap_s=10.0))
+    clouds = kitti_sequence(n)
+    msgs = [pc2.encode(c, {}, frame_id='velodyne', stamp_ns=0) for c in clouds]
+    rows: list[dict[str, float]] = []
+    for i in range(frames + 2):
+        k = i % (2 * len(msgs) - 2)  # back and forth: no jump for the lidar odometry
+        msg = msgs[k if k < len(msgs) else 2 * len(msgs) - 2 - k]
+        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod((i + 1) * 100_000_000, 10**9)
+        t0 = time.perf_counter()
+        cloud = pc2.decode(msg)
+        decode_ms = (time.perf_counter() - t0) * 1e3
+        job = pipe.prepare(cloud.xyz, cloud.stamp_ns, frame_id=cloud.frame_id)
+        if job is None:
+            continue
+        frame = pipe.run_pair(job)
+        t1 = time.perf_counter()
+        pc2.encode(frame.points, {'flow_x': frame.flow[:, 0], 'flow_y': frame.flow[:, 1],
+                                  'flow_z': frame.flow[:, 2], 'speed': frame.speed,
+                                  'is_dynamic': frame.is_dynamic.astype(np.uint8)}, frame_id='velodyne')
+        t2 = time.perf_counter()
+        verts, rgb = vis.arrow_segments(frame.points, frame.flow, frame.speed, frame.is_dynamic,
+                                        decimation=4, length_scale=1.0, max_arrows=5000, max_speed=15.0)
+        try:
+            vis.flow_marker(msg.header, verts, rgb)
+        except ImportError:  # no visualization_msgs: arrows only
+            pass
+        t3 = time.perf_counter()
+        if i >= 3:  # the first pairs warm the backend and the odometry map up
+            rows.append({'decode': decode_ms, **frame.stages_ms, 'encode': (t2 - t1) * 1e3,
+                         'markers': (t3 - t2) * 1e3})
+    p50 = {k: float(np.percentile([r.get(k, 0.0) for r in rows], 50)) for k in NODE_STAGES}
+    sweep = sum(p50[k] for k in SWEEP_STAGES)
+    pair = sum(p50[k] for k in PAIR_STAGES)
+    return {'points': n, 'frames': len(rows), 'stages_ms_p50': p50, 'sweep_worker_ms': sweep,
+            'pair_worker_ms': pair, 'serial_ms': sweep + pair,
+            'in_range_scored': int(pipe.backend.last_timing.in_range0)}
+
+
+def format_node_table(runs: list[dict[str, Any]]) -> str:
+    head = f'{"stage":<14} {"worker":<6} ' + ' '.join(f'{str(r["points"]) + " pts":>10}' for r in runs)
+    lines = [head, '-' * len(head)]
+    for k in NODE_STAGES:
+        w = 'sweep' if k in SWEEP_STAGES else 'pair'
+        lines.append(f'{k:<14} {w:<6} ' + ' '.join(f'{r["stages_ms_p50"][k]:>10.1f}' for r in runs))
+    for k, label in (('sweep_worker_ms', 'sweep worker'), ('pair_worker_ms', 'pair worker'),
+                     ('serial_ms', 'serial sum')):
+        lines.append(f'{label:<21} ' + ' '.join(f'{r[k]:>10.1f}' for r in runs))
+    lines.append('p50 wall ms per stage, one sweep at a time. The node runs the two workers overlapped: '
+                 'throughput is bounded by the slower worker (and the cores), latency by their sum '
+                 '+ DDS publish (bench/bench_node.py measures that over real DDS).')
+    return '\n'.join(lines)
+
+
+def run_node(args: argparse.Namespace, points: list[int]) -> int:
+    model = Path(args.model or REPO_ROOT / 'models' / 'default')
+    runs = [node_stage_times(model, n, frames=args.repeats, ego_motion=args.ego_motion) for n in points]
+    report = {'model': str(model), 'ego_motion': args.ego_motion, 'machine': machine_info(), 'runs': runs,
+              'date': dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}
+    print(format_node_table(runs))
+    print(f'machine load (1/5/15 min) {report["machine"].get("loadavg_1_5_15")} on '
+          f'{report["machine"]["cpu_count"]} cores; model {model}, ego_motion {args.ego_motion}')
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1))

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 EGO_MOTION_SOURCES = ('odometry', 'lidar', 'none')
 GROUND_MODES = ('geometric', 'none')
-PRECISIONS = ('fp32', 'fp16')
+PRECISIONS = ('fp32', 'fp16', 'int8')
 BACKENDS = ('auto', 'tensorrt', 'onnxruntime', 'torch')
 DEVICES = ('auto', 'cpu', 'cuda')
 

@@ -42,6 +42,19 @@ def _construct(name: str, source: ModelSource, device: str, precision: str, thre
     raise BackendError(f'unknown backend {name!r}; valid: auto, {", ".join(BACKEND_NAMES)}')
 
 
+def _construct_int8_or_fp32(name: str, source: ModelSource, device: str, precision: str,
+                            threads: int | None, options: dict[str, Any]) -> Backend:
+    """Under 'auto', a missing or stale int8 file runs the same backend in fp32 (one warning)."""
+    if precision != 'int8':
+        return _construct(name, source, device, precision, threads, options)
+    try:
+        return _construct(name, source, device, precision, threads, options)
+    except BackendError as exc:
+        log.warning('%s', exc)
+        log.warning('%s-%s: no usable int8 model; running fp32', name, device)
+        return _construct(name, source, device, 'fp32', threads, options)
+
+
 def _cuda_absent(name: str) -> str | None:
     """Cheap reasons to skip a CUDA candidate without loading anything heavy; None = worth trying."""
     if name == 'tensorrt':
@@ -76,8 +89,9 @@ def create_backend(model: str | os.PathLike, backend: str = 'auto', device: str 
     Args:
         backend: 'auto' or one of ``BACKEND_NAMES``.
         device: 'auto' (CUDA when available), 'cpu' or 'cuda'.
-        precision: 'fp32' or 'fp16' (fp16: TensorRT and torch-CUDA; under 'auto' the CPU
-            candidates run fp32 with a warning).
+        precision: 'fp32', 'fp16' or 'int8' (fp16: TensorRT and torch-CUDA; int8: onnxruntime-CPU
+            with the model's ``model.int8.onnx``; under 'auto' other candidates, or a missing/stale
+            int8 file, run fp32 with a warning).
         threads: CPU threads for onnxruntime/torch (default: all cores of this process).
         options: per-backend keyword arguments, e.g. ``{'tensorrt': {'workspace_mb': 2048}}``.
 
@@ -125,8 +139,11 @@ def create_backend(model: str | os.PathLike, backend: str = 'auto', device: str 
         if prec == 'fp16' and dev == 'cpu':
             log.warning('%s: fp16 is not supported on CPU; running fp32', label)
             prec = 'fp32'
+        if prec == 'int8' and label != 'onnxruntime-cpu':
+            log.warning('%s: int8 is onnxruntime-CPU only; running fp32', label)
+            prec = 'fp32'
         try:
-            b = _construct(name, source, dev, prec, threads, options.get(name, {}))
+            b = _construct_int8_or_fp32(name, source, dev, prec, threads, options.get(name, {}))
         except Exception as exc:  # any load failure (API drift in a new TensorRT too) falls back
             why = str(exc) if isinstance(exc, BackendError) else f'{type(exc).__name__}: {exc}'
             log.warning('backend %s failed to load, falling back: %s', label, why)

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 BACKEND_NAMES: tuple[str, ...] = ('tensorrt', 'onnxruntime', 'torch')
 DEVICES: tuple[str, ...] = ('auto', 'cpu', 'cuda')
-PRECISIONS: tuple[str, ...] = ('fp32', 'fp16')
+PRECISIONS: tuple[str, ...] = ('fp32', 'fp16', 'int8')
 # Network tensor names; the exporter writes them and every backend feeds them.
 INPUT_NAMES: tuple[str, ...] = ('pc0', 'idx0', 'pc1', 'idx1')
 OUTPUT_NAMES: tuple[str, ...] = ('flow',)
@@ -239,7 +239,7 @@ class Backend(abc.ABC):
         return Pillars(len(p), keep, pc, np.ascontiguousarray(idx))
 
     def infer_pillars(self, pil0: Pillars, pil1: Pillars) -> tuple[np.ndarray, np.ndarray]:
-        """Same result as ``infer(points0, points1)`` from clouds already pillarised by :meth:`pillarize`."""
+        """Return what ``infer(points0, points1)`` returns, from clouds pillarised by :meth:`pillarize`."""
         with self.lock:
             return self._infer_pillars(pil0, pil1, 0.0)
 

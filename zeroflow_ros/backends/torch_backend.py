@@ -66,6 +66,8 @@ class TorchBackend(Backend):
             raise BackendError(f'torch: {source.path} has no checkpoint (model.pt) to load')
         if device not in ('cpu', 'cuda'):
             raise BackendError(f"torch: device must be 'cpu' or 'cuda', got {device!r}")
+        if precision == 'int8':
+            raise BackendError('torch: int8 is not supported (onnxruntime on cpu runs model.int8.onnx)')
         if precision == 'fp16' and device != 'cuda':
             raise BackendError('torch: fp16 needs device=cuda '
                                '(CPU half-precision convs are slower, not faster)')
