@@ -73,6 +73,9 @@ class FlowMethod:
     def estimate(self, points0: np.ndarray, prep: PreparedPair) -> MethodOutput:
         raise NotImplementedError
 
+    def begin_pair(self, ts0: int, ts1: int) -> None:
+        """Hear the sweep times of the next :meth:`estimate` (methods with speed limits use the interval)."""
+
     def describe(self) -> str:
         return self.name
 
@@ -173,12 +176,17 @@ class TeacherMethod(FlowMethod):
 
     name = 'teacher'
 
-    def __init__(self, device: str = 'auto', preprocess: PreprocessConfig | None = None) -> None:
+    def __init__(self, device: str = 'auto', preprocess: PreprocessConfig | None = None,
+                 config: Any = None) -> None:
         super().__init__(preprocess)
         from zeroflow_training.teacher import TeacherConfig, run_teacher
         self._run = run_teacher
-        self.config = TeacherConfig()
+        self.config = config or TeacherConfig()  # the CLI always uses the default
         self.device = _resolve_device(device) if self.config.name != 'rigid' else 'cpu'
+        self.dt: float | None = None
+
+    def begin_pair(self, ts0: int, ts1: int) -> None:
+        self.dt = (int(ts1) - int(ts0)) * 1e-9
 
     def estimate(self, points0, prep):
         n0, n1 = len(prep.pc0), len(prep.pc1)
@@ -186,7 +194,7 @@ class TeacherMethod(FlowMethod):
             log.warning('teacher: %d / %d scored points (< min_points %d): static-world flow for this sweep',
                         n0, n1, self.config.min_points)
             return MethodOutput(np.zeros((len(points0), 3), dtype=np.float32))
-        residual, _info = self._run(prep.pc0, prep.pc1, self.config, self.device)
+        residual, _info = self._run(prep.pc0, prep.pc1, self.config, self.device, dt=self.dt)
         residual = np.asarray(residual, dtype=np.float32)
         if residual.shape != (n0, 3):
             raise PredictError(f'teacher {self.config.name} returned flow {residual.shape} for {n0} points')
@@ -299,6 +307,7 @@ def predict_pair(method: FlowMethod, log, ts0: int, ts1: int, out_dir: Path) -> 
     pair = log.pair(ts0, ts1, with_gt=False)
     prep = prepare_pair(pair.points0, pair.points1, pair.ego1_T_ego0, method.preprocess,
                         is_ground0=pair.is_ground0, is_ground1=pair.is_ground1)
+    method.begin_pair(ts0, ts1)
     out = method.estimate(pair.points0, prep)
     path = output_path(out_dir, pair.log_id, ts0)
     write_feather_atomic(path, flow_table(pair.points0, pair.ego1_T_ego0, out))
