@@ -218,3 +218,37 @@ def test_process_pool_and_ray_local_label_every_pair(dataset, tmp_path):
     for f in pool.glob('*/*.feather'):  # same seeds -> same labels whatever ran them
         np.testing.assert_allclose(read_label_file(f)[0]['flow_tx_m'],
                                    read_label_file(ray_out / f.relative_to(pool))[0]['flow_tx_m'], atol=1e-5)
+
+
+def test_rigid_teacher_labels_are_the_teachers_output_and_cli_config(dataset, tmp_path):
+    import argparse
+
+    from zeroflow_training.label import add_arguments, config_from_args
+    from zeroflow_training.teacher import DEFAULT_TEACHER, TeacherConfig, run_teacher
+    cfg = TeacherConfig('rigid')
+    out = tmp_path / 'labels'
+    counts = run_label(dataset, 'train', out, cfg, workers=1, limit=2)
+    assert counts['ok'] == 2
+    for lg, ts0, ts1 in _all_pairs(dataset)[:2]:
+        pair = lg.pair(ts0, ts1, with_gt=False)
+        cols, rec = read_label_file(label_path(out, lg.log_id, ts0))
+        assert rec['status'] == 'ok' and rec['teacher'] == 'rigid' and 'moving_objects' in rec
+        prep = prepare_pair(pair.points0, pair.points1, pair.ego1_T_ego0, PreprocessConfig(),
+                            is_ground0=pair.is_ground0, is_ground1=pair.is_ground1)
+        res, _ = run_teacher(prep.pc0, prep.pc1, cfg, seed=pair_seed(cfg.rigid.seed, lg.log_id, ts0),
+                             dt=(ts1 - ts0) * 1e-9)
+        full = np.zeros_like(pair.points0)
+        full[prep.mask0] = res
+        flow = np.stack([cols['flow_tx_m'], cols['flow_ty_m'], cols['flow_tz_m']], 1)
+        np.testing.assert_allclose(flow, residual_to_av2(pair.points0, full, pair.ego1_T_ego0), atol=1e-5)
+        np.testing.assert_array_equal(cols['is_valid'], prep.mask0)
+    # The command line: default teacher, and NSFP flags reach the NSFP part of the hybrid.
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert config_from_args(parser.parse_args(['d', '--out', 'o'])).name == DEFAULT_TEACHER
+    hyb = config_from_args(parser.parse_args(['d', '--out', 'o', '--teacher', 'hybrid',
+                                              '--fit-points', '512']))
+    assert hyb.name == 'hybrid' and hyb.nsfp.fit_points == 512
+    assert TeacherConfig.from_dict(hyb.to_dict()).nsfp.fit_points == 512
+    with pytest.raises(SystemExit):
+        parser.parse_args(['d', '--out', 'o', '--teacher', 'icp'])

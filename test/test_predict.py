@@ -345,3 +345,25 @@ def test_nsfp_set_rejects_unknown_fields_and_parses_values():
         P._nsfp_overrides(argparse.Namespace(nsfp_faithful=False, nsfp_set=['fitpoints=1']))
     with pytest.raises(P.PredictError, match='KEY=VALUE'):
         P._nsfp_overrides(argparse.Namespace(nsfp_faithful=False, nsfp_set=['fit_points']))
+
+
+def test_teacher_method_writes_the_default_teachers_flow_and_eval_scores_it(dataset, tmp_path):
+    """``--method teacher`` = the default teacher of ``zeroflow label``; on the hand-built log it
+    recovers the car's exact motion (12 m/s) and leaves the rest static, and ``zeroflow eval`` scores it."""
+    from zeroflow_ros.eval.evaluate import evaluate
+
+    from zeroflow_training.teacher import DEFAULT_TEACHER
+    method = P.make_method('teacher', device='cpu')
+    assert method.config.name == DEFAULT_TEACHER and DEFAULT_TEACHER in method.describe()
+    _predict(dataset, tmp_path / 'te', 'teacher')
+    gt = _read(dataset / 'val' / LOG_ID / 'scene_flow' / f'{TS0}.feather')
+    got = _read(tmp_path / 'te' / LOG_ID / f'{TS0}.feather')
+    cols = ['flow_tx_m', 'flow_ty_m', 'flow_tz_m']
+    err = np.linalg.norm(got[cols].to_numpy() - gt[cols].to_numpy(), axis=1)
+    scored = ~gt.is_ground.to_numpy() & (np.abs(_lidar(dataset, 0)[:, :2]) < 50).all(axis=1)
+    car = gt.is_dynamic.to_numpy()
+    assert err[car].max() < 0.05, f'car: max error {err[car].max():.3f} m'
+    assert err[scored & ~car].max() < 1e-4  # static world: exactly the ego motion
+    np.testing.assert_array_equal(got.is_dynamic.to_numpy()[scored], car[scored])
+    res = evaluate(tmp_path / 'te', dataset, 'val')
+    assert res.threeway['EPE/Foreground/Dynamic'] < 0.05 and res.threeway['EPE 3-Way Average'] < 0.02
