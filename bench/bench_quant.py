@@ -10,7 +10,13 @@ of a separate split (never the validation logs).
     zeroflow data synth /work/data/h5cal --sequences 2 --sweeps 4 --seed 500
     python bench/bench_quant.py --data /work/data/h5 --calib /work/data/h5cal --json out.json
 
-Adopt only what keeps the EPE 3-way average within 2 % of fp32 (``--max-epe-change``).
+A variant is adopted only when no metric of the README results table (EPE 3-way, FG dynamic,
+FG static, BG static, dynamic IoU) is worse than fp32 by more than ``--max-epe-change`` (2 %).
+
+Measured 2026-12-05 (40 val pairs, load 5 on 2 cores): the graph optimisation levels change
+nothing in the flow and 'all' (the default) is the fastest; int8 (Conv, QDQ) takes ~22-30 % of
+the network's CPU time at +1.4 % EPE 3-way but +8-10 % static EPE (about 1 mm), so it is not
+adopted as the default: ``precision: int8`` is opt-in.
 """
 from __future__ import annotations
 
@@ -39,6 +45,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any] | None]] = {
     'int8_qdq_conv': ('all', {'format': 'QDQ', 'ops': ['Conv']}),  # adopted: backends/int8.py ADOPTED
     'int8_qdq_conv_gemm': ('all', {'format': 'QDQ', 'ops': ['Conv', 'Gemm', 'MatMul']}),
     'int8_qop_conv': ('all', {'format': 'QOperator', 'ops': ['Conv']}),
+    # full-resolution output convs kept in fp32 (static scenery needs flow near 0 to the mm)
+    'int8_qdq_conv_fp32_final': ('all', {'format': 'QDQ', 'ops': ['Conv'], 'exclude': ['/unet/final/']}),
+    'int8_qdq_conv_fp32_dec2': ('all', {'format': 'QDQ', 'ops': ['Conv'],
+                                        'exclude': ['/unet/final/', '/unet/decoders.2/']}),
+    'int8_qdq_encoder_only': ('all', {'format': 'QDQ', 'ops': ['Conv'],
+                                      'exclude': ['/unet/decoders.', '/unet/final/']}),
 }
 REFERENCE = 'fp32_opt_all'
 
@@ -130,24 +142,38 @@ def score(backend: Any, data: Path, split: str, out_dir: Path) -> dict[str, floa
             'dynamic_iou': float(t.get('Dynamic IoU', float('nan'))), 'pairs': len(jobs)}
 
 
+#: metric -> True when larger is better (the README results table's columns we can score here)
+METRICS = {'epe_3way': False, 'epe_fg_dynamic': False, 'epe_fg_static': False, 'epe_bg_static': False,
+           'dynamic_iou': True}
+
+
+def changes(e: dict[str, float], ref: dict[str, float]) -> dict[str, float]:
+    """Percent change of each metric vs the reference, signed so that positive is worse."""
+    return {k: (-1 if up else 1) * (e[k] - ref[k]) / ref[k] * 100.0 for k, up in METRICS.items() if ref[k]}
+
+
 def format_table(res: dict[str, Any], points: list[int], max_change: float) -> str:
-    ref = res['variants'][REFERENCE]['eval']['epe_3way']
+    refe = res['variants'][REFERENCE]['eval']
+    ref = refe['epe_3way']
     cols = ''.join(f'{f"net ms {n}":>13}{f"cpu ms {n}":>13}' for n in points)
-    head = (f'{"variant":<20}{"EPE 3-way":>10}{"change":>9}{"FG dyn":>8}{"BG stat":>9}{"max|dflow|":>11}'
-            f'{cols}  adopt')
+    head = (f'{"variant":<26}{"EPE 3-way":>10}{"change":>9}{"FG dyn":>8}{"FG stat":>9}{"BG stat":>9}'
+            f'{"dyn IoU":>8}{"worst":>8}{"max|dflow|":>11}{cols}  adopt')
     lines = [head, '-' * len(head)]
     for name, v in res['variants'].items():
         e = v['eval']
         change = (e['epe_3way'] - ref) / ref * 100.0
-        ok = abs(change) <= max_change
+        worst = max(changes(e, refe).items(), key=lambda kv: kv[1])
+        ok = worst[1] <= max_change
         lat = ''.join(f'{v["latency"][str(n)]["network_ms_p50"]:>13.1f}'
                       f'{v["latency"][str(n)]["process_cpu_ms_p50"]:>13.1f}' for n in points)
-        lines.append(f'{name:<20}{e["epe_3way"]:>10.4f}{change:>+8.2f}%{e["epe_fg_dynamic"]:>8.3f}'
-                     f'{e["epe_bg_static"]:>9.4f}{v["max_abs_flow_diff_m"]:>11.4f}{lat}  '
-                     f'{"yes" if ok else "no (EPE)"}')
+        lines.append(f'{name:<26}{e["epe_3way"]:>10.4f}{change:>+8.2f}%{e["epe_fg_dynamic"]:>8.3f}'
+                     f'{e["epe_fg_static"]:>9.4f}{e["epe_bg_static"]:>9.4f}{e["dynamic_iou"]:>8.3f}'
+                     f'{worst[1]:>+7.1f}%{v["max_abs_flow_diff_m"]:>11.4f}{lat}  '
+                     f'{"yes" if ok else "no (" + worst[0] + ")"}')
     lines.append(f'EPE on {res["val_pairs"]} synthetic val pairs ({res["data"]}); change vs {REFERENCE}; '
-                 f'adopt = |change| <= {max_change:g} %. Latency: network p50 (wall) and process CPU ms '
-                 f'per call on KITTI sweeps, load {res["load_before"]} -> {res["load_after"]} '
+                 f'worst = the metric that got most worse (%); adopt = worst <= {max_change:g} %. '
+                 'Latency: network p50 (wall) and process CPU ms per call on KITTI sweeps, '
+                 f'load {res["load_before"]} -> {res["load_after"]} '
                  f'on {os.cpu_count()} cores (shared machine: compare rows, not absolute values).')
     return '\n'.join(lines)
 
