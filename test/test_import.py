@@ -6,6 +6,7 @@ trajectories for odometry and de-skew.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -141,8 +142,14 @@ def _world_points(rng) -> np.ndarray:
     return rng.uniform((-20, -20, -1), (40, 30, 3), (300, 3))
 
 
-def _write_odom_bag(path: Path, world: np.ndarray, cloud_stamps: list[int], odom_hz: float) -> Path:
-    """Clouds of a static world seen from the moving sensor, each point at its own time, + odometry."""
+def _write_odom_bag(path: Path, world: np.ndarray, cloud_stamps: list[int], odom_hz: float,
+                    mount: np.ndarray = np.eye(4), odom_child: str = 'lidar') -> Path:
+    """Clouds of a static world seen from the moving sensor, each point at its own time, + odometry.
+
+    ``_truth`` is the pose of the base frame, the sensor sits at ``mount`` (base_T_sensor) in it; the
+    odometry gives the base pose when ``odom_child`` is not the clouds' frame 'lidar', else the sensor's.
+    """
+    odom_T = np.eye(4) if odom_child == 'base_link' else mount
     from rosbags.rosbag2 import StoragePlugin, Writer
 
     from zeroflow_ros.core.pointcloud2 import encode
@@ -159,23 +166,24 @@ def _write_odom_bag(path: Path, world: np.ndarray, cloud_stamps: list[int], odom
              for k in range(int((cloud_stamps[-1] * 1e-9 + 0.3) * odom_hz))]
     for stamp, kind, _ in sorted(msgs):
         if kind == 'pc':
-            local = np.stack([transform_points(invert(_truth((stamp + o) * 1e-9)), p[None])[0]
+            local = np.stack([transform_points(invert(_truth((stamp + o) * 1e-9) @ mount), p[None])[0]
                               for p, o in zip(world, offs)])
             msg = encode(local.astype(np.float32), {'offset_ns': offs.astype(np.uint32)}, frame_id='lidar',
                          stamp_ns=stamp, msg_cls=T[zbag.POINTCLOUD2])
             w.write(pc, stamp, ts.serialize_cdr(msg, zbag.POINTCLOUD2))
         else:
-            msg = zbag._odometry(T[zbag.ODOMETRY], T, _truth(stamp * 1e-9), stamp, 'odom', 'lidar')
+            pose = _truth(stamp * 1e-9) @ odom_T
+            msg = zbag._odometry(T[zbag.ODOMETRY], T, pose, stamp, 'odom', odom_child)
             w.write(od, stamp, ts.serialize_cdr(msg, zbag.ODOMETRY))
     w.close()
     return path
 
 
-def _write_tum(path: Path, hz: float, until_s: float) -> Path:
+def _write_tum(path: Path, hz: float, until_s: float, mount: np.ndarray = np.eye(4)) -> Path:
     from zeroflow_ros.core.geometry import matrix_to_quat
     lines = ['# t tx ty tz qx qy qz qw']
     for k in range(int(until_s * hz)):
-        T = _truth(k / hz)
+        T = _truth(k / hz) @ mount
         w, x, y, z = matrix_to_quat(T[:3, :3])
         lines.append(' '.join(f'{v:.12g}' for v in (k / hz, *T[:3, 3], x, y, z, w)))
     path.write_text('\n'.join(lines) + '\n')
@@ -206,6 +214,103 @@ def test_bag_with_odometry_poses_and_deskew(tmp_path):
             assert np.abs(log.points(ts) - expect).max() < 3e-3
             # Without de-skew the sweep is smeared by up to 0.5 m (5 m/s over 100 ms).
             assert np.abs(raw.points(ts) - expect).max() > 0.3
+
+
+# ------------------------------------------------------------------------------------- lidar mount
+
+def _scipy_mount(xyz, rpy) -> np.ndarray:
+    """base_T_sensor by scipy: the node's fixed-axis roll, pitch, yaw (tf2) is scipy's extrinsic 'xyz'."""
+    from scipy.spatial.transform import Rotation
+    return make_transform(Rotation.from_euler('xyz', rpy).as_matrix(), xyz)
+
+
+def _near_ground_z(pts: np.ndarray) -> float:
+    """Return the most common z within 20 m (5 cm bins): the road, on these KITTI sweeps."""
+    hist, edges = np.histogram(pts[np.hypot(pts[:, 0], pts[:, 1]) < 20.0, 2], bins=np.arange(-4, 4, 0.05))
+    return float(edges[hist.argmax()] + 0.025)
+
+
+def test_kitti_mount_puts_ground_at_zero(tmp_path, caplog):
+    import logging
+    with caplog.at_level(logging.INFO, logger=imp.__name__):
+        imp.import_source(KITTI, tmp_path, max_sweeps=2, odometry=ICP, log_id='lidar')
+    # Default (identity): the ego frame is the lidar's, ground ~1.73 m below it, and the log says so.
+    hint = re.search(r'--sensor-xyz 0 0 (\S+) ', caplog.text)
+    assert hint and 1.6 < float(hint.group(1)) < 1.9, caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=imp.__name__):
+        imp.import_source(KITTI, tmp_path, max_sweeps=2, odometry=ICP, log_id='base', sensor_xyz=(0, 0, 1.73))
+    assert '--sensor-xyz' not in caplog.text
+    lidar, base = AV2Log(tmp_path / 'train' / 'lidar'), AV2Log(tmp_path / 'train' / 'base')
+    M = make_transform(np.eye(3), (0.0, 0.0, 1.73))
+    for ts, path in zip(base.timestamps, KITTI_BINS):
+        ref = np.fromfile(path, '<f4').reshape(-1, 4)[:, :3]
+        np.testing.assert_allclose(base.points(ts), ref.astype(np.float64) + (0, 0, 1.73), atol=2e-6)
+        assert _near_ground_z(lidar.points(ts)) < -1.6 and abs(_near_ground_z(base.points(ts))) < 0.15
+        # KISS-ICP's world becomes the first base frame: M P inv(M) of the lidar-frame poses.
+        np.testing.assert_allclose(base.pose(ts), M @ lidar.pose(ts) @ invert(M), atol=1e-6)
+    np.testing.assert_allclose(base.pose(base.timestamps[0]), np.eye(4), atol=1e-9)
+
+
+def test_mount_rotation_and_calibration(tmp_path):
+    import json
+    av2_io = pytest.importorskip('av2.utils.io')
+    xyz, rpy = (1.2, -0.3, 1.73), (0.02, -0.03, 0.4)
+    M = _scipy_mount(xyz, rpy)
+    (tmp_path / 'p.txt').write_text((' '.join(map(str, np.eye(4)[:3].ravel())) + '\n') * len(KITTI_BINS))
+    for frame in ('sensor', 'base'):
+        imp.import_source(KITTI, tmp_path / 'out', max_sweeps=1, poses=tmp_path / 'p.txt', sensor_xyz=xyz,
+                          sensor_rpy=rpy, poses_frame=None if frame == 'sensor' else frame, log_id=frame)
+    log = AV2Log(tmp_path / 'out' / 'train' / 'sensor')
+    # The official av2 reader gets the mount back.
+    calib = av2_io.read_ego_SE3_sensor(log.log_dir)
+    assert list(calib) == ['up_lidar']
+    np.testing.assert_allclose(calib['up_lidar'].transform_matrix, M, atol=1e-12)
+    ts = log.timestamps[0]
+    ref = np.fromfile(KITTI_BINS[0], '<f4').reshape(-1, 4)[:, :3].astype(np.float64)
+    np.testing.assert_allclose(log.points(ts), ref @ M[:3, :3].T + M[:3, 3], atol=1e-5)
+    # A pose file describes the sensor by default (world_T_base = world_T_sensor inv(M)); 'base' keeps it.
+    np.testing.assert_allclose(log.pose(ts), invert(M), atol=1e-9)
+    np.testing.assert_allclose(AV2Log(tmp_path / 'out' / 'train' / 'base').pose(ts), np.eye(4), atol=1e-12)
+    info = json.loads((log.log_dir / 'import.json').read_text())
+    assert info['poses_frame'] == 'sensor' and info['sensor_rpy'] == list(rpy)
+    with pytest.raises(DataError, match=r"poses_frame: expected one of \('sensor', 'base'\), got 'odom'"):
+        imp.import_source(KITTI, tmp_path / 'out', poses=tmp_path / 'p.txt', poses_frame='odom')
+    with pytest.raises(DataError, match='expected 3 finite numbers'):
+        imp.import_source(KITTI, tmp_path / 'out', sensor_xyz=(0, 1.7))
+
+
+def test_bag_with_mount_static_world(tmp_path):
+    import json
+    mount = _scipy_mount((1.1, 0.3, 1.8), (0.0, 0.0, 0.35))    # forward, left, up, yawed 20 degrees
+    world = _world_points(np.random.default_rng(5))
+    # Six 10 Hz sweeps across the start of the turn (0.5 rad/s at 5 m/s).
+    stamps = [1_103_000_000 + k * 100_000_000 for k in range(6)]
+    base_bag = _write_odom_bag(tmp_path / 'base_bag', world, stamps, 50.0, mount, 'base_link')
+    sensor_bag = _write_odom_bag(tmp_path / 'sensor_bag', world, stamps, 50.0, mount, 'lidar')
+    tum = _write_tum(tmp_path / 's.tum', 50.0, 2.0, mount)
+    kw = dict(sensor_xyz=(1.1, 0.3, 1.8), sensor_rpy=(0.0, 0.0, 0.35))
+    cases = {'base_bag': (base_bag, {}, 'base'), 'sensor_bag': (sensor_bag, {}, 'sensor'),
+             'tum': (base_bag, {'poses': tum, 'log_id': 'tum'}, 'sensor')}
+    for name, (bag, extra, frame) in cases.items():
+        res = imp.import_source(bag, tmp_path / 'out', **kw, **extra)
+        assert res.deskewed == 6
+        log = AV2Log(tmp_path / 'out' / 'train' / name)
+        assert json.loads((log.log_dir / 'import.json').read_text())['poses_frame'] == frame, name
+        city = []
+        for ts in stamps:
+            truth = _truth(ts * 1e-9)
+            np.testing.assert_allclose(log.pose(ts)[:3, 3], truth[:3, 3], atol=1e-3)
+            np.testing.assert_allclose(log.pose(ts)[:3, :3], truth[:3, :3], atol=1e-4)
+            assert np.abs(log.points(ts) - transform_points(invert(truth), world)).max() < 3e-3, name
+            city.append(transform_points(log.pose(ts), log.points(ts).astype(np.float64)))
+        # A static world point lands on the same city coordinates from every sweep (within mm).
+        assert max(np.abs(c - city[0]).max() for c in city) < 5e-3, name
+    # Ignoring the mount: the poses are the sensor's, the city points of two sweeps disagree.
+    imp.import_source(base_bag, tmp_path / 'out', log_id='no_mount')
+    log = AV2Log(tmp_path / 'out' / 'train' / 'no_mount')
+    c0, c1 = (transform_points(log.pose(ts), log.points(ts).astype(np.float64)) for ts in stamps[::5])
+    assert np.abs(c0 - c1).max() > 0.1
 
 
 @pytest.mark.parametrize('yaw_rate,speed', [(0.0, 10.0), (1.0, 0.0), (0.4, 8.0)])

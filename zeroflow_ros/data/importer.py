@@ -8,12 +8,18 @@ present), a folder of KITTI ``.bin`` or PCD sweeps, or an Ouster pcap with its m
                                         (float32, the source's scale), laser_number (uint8),
                                         offset_ns (int32, point time - sweep time)
       city_SE3_egovehicle.feather       world_T_ego at each sweep time (av2 columns)
-      calibration/egovehicle_SE3_sensor.feather   'up_lidar' = identity
-      import.json                       source, where the poses came from, de-skew, counts
+      calibration/egovehicle_SE3_sensor.feather   'up_lidar' = the mount (base_T_sensor)
+      import.json                       source, frames, where the poses came from, de-skew, counts
 
-Frames: the ego frame of the log **is the lidar frame** (identity calibration); nothing is assumed
-about the mounting. Points without a return are dropped: non-finite ones and, from organised clouds,
-points exactly at the sensor origin (the no-return marker of e.g. the Ouster ROS driver).
+Frames: as in AV2 (and for our model, simulator and node), points and poses are those of the ego
+(base) frame on the ground under the vehicle, ground at z ~ 0. The lidar mount ``base_T_sensor``
+is given as ``sensor_xyz``/``sensor_rpy`` (``--sensor-xyz X Y Z --sensor-rpy R P Y``, metres and
+radians, the convention and meaning of the node's ``sensor_in_base_xyz``/``sensor_in_base_rpy``:
+:attr:`zeroflow_ros.pipeline.PipelineConfig.base_T_sensor`), written to the calibration file. The
+default, identity, makes the ego frame the lidar frame (ground at about -1.7 m on a car roof; an
+INFO line says so when the road under the first sweep sits below -1 m). Points without a
+return are dropped: non-finite ones and, from organised clouds, points exactly at the sensor origin
+(the no-return marker of e.g. the Ouster ROS driver).
 
 Times: the sweep time is the source's (bag header stamp, file name / PCD point time / KITTI
 timestamps.txt / nominal 10 Hz for folders, the first column for Ouster). Per-point times given in
@@ -23,8 +29,14 @@ offsets (Hesai/PJLab ``timestamp`` vs Velodyne ``time``, Ouster ``t``).
 Poses, first that applies: ``--poses`` (a TUM file ``t tx ty tz qx qy qz qw``, interpolated at each
 sweep time; or a KITTI-style file, see :mod:`zeroflow_ros.data.sweeps`: by name for sweep folders,
 else one line per sweep in order), the bag's odometry interpolated at each sweep time, else KISS-ICP
-lidar odometry (:mod:`zeroflow_ros.core.odometry`, world = the first sweep). Timed poses are taken as
-those of the lidar frame; sweeps more than 50 ms outside them are skipped.
+lidar odometry (:mod:`zeroflow_ros.core.odometry`). Sweeps more than 50 ms outside timed poses are
+skipped. Which frame a pose source describes (``poses_frame``, ``--poses-frame``): pose files (TUM,
+KITTI-style, e.g. KISS-ICP's output) default to ``sensor``; bag odometry to ``sensor`` when its
+``child_frame_id`` is the clouds' frame (as ``zeroflow data to-bag`` writes it), else ``base``
+(nav_msgs/Odometry normally gives base_link in odom, as the node's ``PoseBuffer`` reads it).
+Sensor poses become base poses as ``world_T_sensor @ inv(base_T_sensor)``. KISS-ICP always tracks the
+sensor; its world is the first sweep's *base* frame (``base_T_sensor @ W @ inv(base_T_sensor)``), so
+the first pose is identity and city z is height above the ground.
 
 De-skew: a spinning lidar measures point i at its own time ``t_i`` in the sensor frame *of that
 moment*, so a moving sensor smears the sweep (3 cm at 3 m/s over a 10 ms slice of a 10 Hz sweep,
@@ -36,7 +48,10 @@ poses; ``offset_ns`` is kept and import.json says how many sweeps were de-skewed
 in 100 µs bins (< 3 mm at 30 m/s). KISS-ICP registers the sweeps as measured (a constant-velocity
 skew is the same in consecutive sweeps, so their relative motion is unbiased). On the bundled Ouster
 scans (~2.5 m/s) de-skewing halves the seam: points at the last vs first azimuths of a sweep are
-0.14-0.16 m apart (median nearest neighbour) as measured, 0.06-0.07 m de-skewed.
+0.14-0.16 m apart (median nearest neighbour) as measured, 0.06-0.07 m de-skewed. With a mount, the
+points are first moved into the base frame (``base_T_sensor @ p_i``) and de-skewed with the base
+poses: ``inv(B(t_s)) @ B(t_i) @ M @ p_i`` equals ``M`` times the sensor-frame de-skew, since
+``B @ M`` is the sensor's pose.
 
 Bad input raises :class:`~zeroflow_ros.data.av2.DataError` naming what was expected and what came.
 """
@@ -52,12 +67,16 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from zeroflow_ros.core.geometry import invert, matrix_to_quat
+from zeroflow_ros.core.geometry import invert, matrix_to_quat, transform_points
 from zeroflow_ros.data.av2 import POSE_COLUMNS, DataError
 
 logger = logging.getLogger(__name__)
 
 DESKEW_BIN_NS = 100_000
+POSE_FRAMES = ('sensor', 'base')
+# The first sweep's road height (core.ground.estimate_ground_height) below this: the ego frame is
+# probably the lidar's, not the base frame on the ground the model is trained in.
+GROUND_HINT_Z_M = -1.0
 # Poses are extrapolated at most this far past the known ones (one sweep and a bit).
 MAX_EXTRAPOLATION_NS = 200_000_000
 
@@ -233,10 +252,76 @@ def detect_kind(source: Path) -> str:
     return 'folder'
 
 
+# ------------------------------------------------------------------------------------------ mount
+
+def mount_transform(sensor_xyz=(0.0, 0.0, 0.0), sensor_rpy=(0.0, 0.0, 0.0)) -> np.ndarray:
+    """Return ``base_T_sensor`` exactly as the node builds it from ``sensor_in_base_xyz``/``_rpy``."""
+    from zeroflow_ros.pipeline import PipelineConfig, PipelineError
+    try:
+        cfg = PipelineConfig(sensor_in_base_xyz=tuple(sensor_xyz), sensor_in_base_rpy=tuple(sensor_rpy))
+    except (PipelineError, TypeError, ValueError):
+        raise DataError(f'sensor mount: expected 3 finite numbers each for xyz (m) and rpy (rad), got '
+                        f'xyz={sensor_xyz!r} rpy={sensor_rpy!r}') from None
+    return cfg.base_T_sensor
+
+
+def _ground_hint(points_base: np.ndarray) -> None:
+    """Log one INFO line when the road sits well below z = 0 (the ego frame is the lidar's?)."""
+    from zeroflow_ros.core.ground import estimate_ground_height
+    z = estimate_ground_height(points_base)
+    if z < GROUND_HINT_Z_M:
+        logger.info('the ground sits at z ~ %.2f m in the written ego frame; the model is trained in the '
+                    'base frame on the ground: if the lidar is ~%.2f m up, import with --sensor-xyz 0 0 %.2f '
+                    '(and --sensor-rpy)', z, -z, -z)
+
+
+class _BasePoses:
+    """A pose source's poses turned into ``world_T_base`` (what ``city_SE3_egovehicle`` holds)."""
+
+    def __init__(self, inner, convert: Callable[[np.ndarray], np.ndarray]):
+        self.inner, self.convert, self.name = inner, convert, inner.name
+        self._full: Trajectory | None = None
+
+    def pose(self, sweep: SourceSweep, k: int) -> np.ndarray | None:
+        p = self.inner.pose(sweep, k)
+        return None if p is None else self.convert(p)
+
+    def motion(self, local: Trajectory) -> Trajectory:
+        m = self.inner.motion(local)
+        if m is local:      # built from our (converted) poses already
+            return local
+        if self._full is None:  # the inner source's own whole track: converted once
+            self._full = Trajectory(m.stamps, [self.convert(p) for p in m.poses])
+        return self._full
+
+
+def _in_base(poser, mount: np.ndarray, poses_frame: str | None):
+    """Wrap POSER so it gives base poses; return it and the frame its poses were taken in."""
+    if poses_frame is not None and poses_frame not in POSE_FRAMES:
+        raise DataError(f'poses_frame: expected one of {POSE_FRAMES}, got {poses_frame!r}')
+    icp = isinstance(poser, _IcpPoses)
+    if icp and poses_frame == 'base':
+        logger.warning('poses_frame=base ignored: no poses given, KISS-ICP tracks the sensor')
+    frame = 'sensor' if icp else (poses_frame or poser.frame)
+    if frame == 'base' or np.array_equal(mount, np.eye(4)):
+        return poser, frame
+    inv_m = invert(mount)
+
+    def from_sensor(world_T_sensor: np.ndarray) -> np.ndarray:
+        return world_T_sensor @ inv_m
+
+    def from_icp(first_T_sensor: np.ndarray) -> np.ndarray:
+        # ICP's world is the first sweep's sensor frame: re-express it in the first base frame.
+        return mount @ first_T_sensor @ inv_m
+    return _BasePoses(poser, from_icp if icp else from_sensor), frame
+
+
 # ------------------------------------------------------------------------------------------ poses
 
 class _FilePoses:
     """Poses of a pose file, one per sweep in sweep order."""
+
+    frame = 'sensor'
 
     def __init__(self, mats: np.ndarray, path: Path):
         self.mats, self.path = mats, Path(path)
@@ -255,8 +340,8 @@ class _FilePoses:
 class _TrackPoses:
     """Timed poses (bag odometry, TUM file) interpolated at each sweep time; de-skew uses the whole track."""
 
-    def __init__(self, traj: Trajectory, name: str, tolerance_ns: int = 50_000_000):
-        self.full, self.name, self.tolerance_ns = traj, name, tolerance_ns
+    def __init__(self, traj: Trajectory, name: str, frame: str = 'sensor', tolerance_ns: int = 50_000_000):
+        self.full, self.name, self.frame, self.tolerance_ns = traj, name, frame, tolerance_ns
 
     def pose(self, sweep: SourceSweep, k: int) -> np.ndarray | None:
         s = self.full.stamps
@@ -302,9 +387,10 @@ def _is_tum(path: Path) -> bool:
 
 
 class _IcpPoses:
-    """KISS-ICP over the sweeps in order (world = the first sweep)."""
+    """KISS-ICP over the sweeps in order (world = the first sweep's sensor frame)."""
 
     name = 'KISS-ICP lidar odometry'
+    frame = 'sensor'
 
     def __init__(self, config=None):
         from zeroflow_ros.core.odometry import LidarOdometry
@@ -371,12 +457,14 @@ def _sweep_columns(s: SourceSweep, points: np.ndarray) -> dict[str, np.ndarray]:
     return cols
 
 
-def _write_log(tmp: Path, posed, deskew_sweeps: bool, stats: dict) -> list[tuple]:
+def _write_log(tmp: Path, posed, deskew_sweeps: bool, stats: dict, mount: np.ndarray) -> list[tuple]:
     lidar_dir = tmp / 'sensors' / 'lidar'
     lidar_dir.mkdir(parents=True)
     rows = []
+    moved_to_base = not np.array_equal(mount, np.eye(4))
     for s, pose, traj in posed:
-        pts = s.points
+        # Into the base frame first; de-skew then uses base poses (see the module docstring).
+        pts = transform_points(mount, s.points.astype(np.float64)) if moved_to_base else s.points
         if deskew_sweeps and s.offset_ns is not None and np.any(s.offset_ns != 0):
             moved = deskew(pts, s.offset_ns, s.stamp_ns, traj.at)
             if moved is None:
@@ -385,6 +473,9 @@ def _write_log(tmp: Path, posed, deskew_sweeps: bool, stats: dict) -> list[tuple
             else:
                 pts = moved
                 stats['deskewed'] += 1
+        pts = np.asarray(pts, np.float32)
+        if not rows:
+            _ground_hint(pts)
         _write_table(_sweep_columns(s, pts), lidar_dir / f'{int(s.stamp_ns)}.feather')
         q = matrix_to_quat(pose[:3, :3])
         rows.append((int(s.stamp_ns), *map(float, q), *map(float, pose[:3, 3])))
@@ -395,13 +486,24 @@ def _write_log(tmp: Path, posed, deskew_sweeps: bool, stats: dict) -> list[tuple
             for i, name in enumerate(POSE_COLUMNS)}
     _write_table(cols, tmp / 'city_SE3_egovehicle.feather')
     (tmp / 'calibration').mkdir()
-    _write_table({'sensor_name': np.array(['up_lidar']), 'qw': np.ones(1), 'qx': np.zeros(1),
-                  'qy': np.zeros(1), 'qz': np.zeros(1), 'tx_m': np.zeros(1), 'ty_m': np.zeros(1),
-                  'tz_m': np.zeros(1)}, tmp / 'calibration' / 'egovehicle_SE3_sensor.feather')
+    q, t = matrix_to_quat(mount[:3, :3]), mount[:3, 3]
+    calib = {'sensor_name': np.array(['up_lidar'])}
+    calib.update({c: np.array([float(v)]) for c, v in zip(POSE_COLUMNS[1:], (*q, *t))})
+    _write_table(calib, tmp / 'calibration' / 'egovehicle_SE3_sensor.feather')
     return rows
 
 
 # ----------------------------------------------------------------------------------------- import
+
+def _first_cloud_frame(path: Path, topic: str) -> str:
+    """Return the ``header.frame_id`` of the topic's first cloud ('' when none)."""
+    from zeroflow_ros.data.bag import iter_clouds
+    clouds = iter_clouds(path, topic)
+    try:
+        return next((bc.cloud.frame_id or '' for bc in clouds), '')
+    finally:
+        clouds.close()
+
 
 def _open(kind: str, source: Path, *, poses: Path | None, topic: str | None, odom_topic: str | None,
           meta: Path | None, start_ns: int, odometry) -> tuple[Iterator[SourceSweep], object, str, dict]:
@@ -424,7 +526,11 @@ def _open(kind: str, source: Path, *, poses: Path | None, topic: str | None, odo
         if poses is None and odom_topic:
             from zeroflow_ros.data.bag import read_odometry
             track = read_odometry(source, odom_topic)
-            poser = _TrackPoses(Trajectory(track.stamps, track.poses), f'odometry {odom_topic}')
+            cloud_frame = _first_cloud_frame(source, topic)
+            # Odometry of the cloud's own frame describes the sensor, else (base_link) the base.
+            frame = 'sensor' if track.child_frame_id and track.child_frame_id == cloud_frame else 'base'
+            info.update(odom_child_frame=track.child_frame_id, cloud_frame=cloud_frame)
+            poser = _TrackPoses(Trajectory(track.stamps, track.poses), f'odometry {odom_topic}', frame)
         log_id = source.stem if source.is_file() else source.name
     else:
         from zeroflow_ros.data.ouster import find_metadata, iter_ouster_pcap
@@ -444,12 +550,15 @@ def import_source(source: Path, out: Path, *, split: str = 'train', log_id: str 
                   poses: Path | None = None, topic: str | None = None, odom_topic: str | None = None,
                   meta: Path | None = None, deskew_sweeps: bool = True, max_sweeps: int | None = None,
                   start_ns: int = 1_000_000_000, overwrite: bool = False, odometry=None,
+                  sensor_xyz=(0.0, 0.0, 0.0), sensor_rpy=(0.0, 0.0, 0.0), poses_frame: str | None = None,
                   progress: Callable[[Iterable], Iterable] | None = None) -> ImportResult:
     """Import SOURCE as the log ``OUT/<split>/<log_id>/`` (see the module docstring).
 
     ``odom_topic`` None picks the bag's only Odometry topic, '' ignores odometry; ``odometry`` is an
-    :class:`~zeroflow_ros.core.odometry.OdometryConfig` for KISS-ICP. The log is written to a
-    temporary folder and renamed into place, so a failed import leaves nothing half-written.
+    :class:`~zeroflow_ros.core.odometry.OdometryConfig` for KISS-ICP. ``sensor_xyz``/``sensor_rpy``:
+    the lidar in the base frame (m, rad); ``poses_frame`` ('sensor'/'base', None = per source) the
+    frame given poses describe. The log is written to a temporary folder and renamed into place, so a
+    failed import leaves nothing half-written.
     """
     import itertools
     source = Path(source)
@@ -458,8 +567,10 @@ def import_source(source: Path, out: Path, *, split: str = 'train', log_id: str 
         raise DataError(f'{poses}: pose file not found')
     if max_sweeps is not None and max_sweeps < 1:
         raise DataError(f'max_sweeps: expected >= 1, got {max_sweeps}')
+    mount = mount_transform(sensor_xyz, sensor_rpy)
     sweeps, poser, default_id, info = _open(kind, source, poses=poses, topic=topic, odom_topic=odom_topic,
                                             meta=meta, start_ns=start_ns, odometry=odometry)
+    poser, frame = _in_base(poser, mount, poses_frame)
     log_dir = Path(out) / split / (log_id or default_id)
     if log_dir.exists() and not overwrite:
         raise DataError(f'{log_dir}: exists already (pick another --log-id, or --overwrite)')
@@ -470,10 +581,12 @@ def import_source(source: Path, out: Path, *, split: str = 'train', log_id: str 
     tmp = log_dir.parent / f'.{log_dir.name}.partial-{os.getpid()}'
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        rows = _write_log(tmp, progress(posed) if progress else posed, deskew_sweeps, stats)
-        info.update(source=str(source), pose_source=poser.name, sweeps=len(rows), deskew=deskew_sweeps,
-                    deskewed_sweeps=stats['deskewed'], skipped_sweeps=stats['skipped'],
-                    frames='ego = lidar frame (identity calibration)')
+        rows = _write_log(tmp, progress(posed) if progress else posed, deskew_sweeps, stats, mount)
+        info.update(source=str(source), pose_source=poser.name, poses_frame=frame, sweeps=len(rows),
+                    deskew=deskew_sweeps, deskewed_sweeps=stats['deskewed'], skipped_sweeps=stats['skipped'],
+                    sensor_xyz=[float(v) for v in sensor_xyz], sensor_rpy=[float(v) for v in sensor_rpy],
+                    frames='ego = base frame, lidar at calibration/egovehicle_SE3_sensor.feather'
+                    if not np.array_equal(mount, np.eye(4)) else 'ego = lidar frame (identity calibration)')
         (tmp / 'import.json').write_text(json.dumps(info, indent=1) + '\n')
         if log_dir.exists():
             shutil.rmtree(log_dir)
