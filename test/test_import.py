@@ -355,6 +355,24 @@ def test_offsets_from_times():
     assert imp.offsets_from_times(None, stamp) is None
 
 
+def test_cli_mount_flags(tmp_path, capsys):
+    import inspect
+
+    from zeroflow_ros.cli import main
+    from zeroflow_ros.data import cli as data_cli
+    if '--sensor-xyz' not in inspect.getsource(data_cli):
+        pytest.skip('zeroflow data import has no --sensor-xyz yet (data/cli.py change pending)')
+    (tmp_path / 'p.txt').write_text('1 0 0 0 0 1 0 0 0 0 1 0\n' * len(KITTI_BINS))
+    assert main(['data', 'import', str(KITTI), str(tmp_path / 'out'), '--max-sweeps', '1', '--poses',
+                 str(tmp_path / 'p.txt'), '--sensor-xyz', '0.5', '0', '1.73', '--sensor-rpy', '0', '0', '0.1',
+                 '--poses-frame', 'base']) == 0
+    log = _only_log(tmp_path / 'out')
+    M = _scipy_mount((0.5, 0.0, 1.73), (0.0, 0.0, 0.1))
+    ref = np.fromfile(KITTI_BINS[0], '<f4').reshape(-1, 4)[:, :3].astype(np.float64)
+    np.testing.assert_allclose(log.points(log.timestamps[0]), ref @ M[:3, :3].T + M[:3, 3], atol=1e-5)
+    np.testing.assert_allclose(log.pose(log.timestamps[0]), np.eye(4), atol=1e-12)   # --poses-frame base
+
+
 # ------------------------------------------------------------------------------------- bad input
 
 def test_bad_input_is_one_clear_error(tmp_path, capsys):
