@@ -79,11 +79,14 @@ class EvidenceConfig:
     min_gain: float = 0.3          # the motion must cut the misfit of zero flow by this fraction ...
     min_gain_m: float = 0.02       # ... and by at least this many metres (mean over the object)
     min_speed_mps: float = 0.5     # only points at or above this speed are tested (others: untouched)
+    # zero flow explains an object only if its mean misfit is below this; above, the data contradict
+    # a static object (a mover faster than the network says, or too sparse to tell): keep the flow
+    max_static_misfit_m: float = 0.3
     fit_iters: int = 30            # Gauss-Newton steps of the object's translation (0: network flow only)
     fit_points: int = 300          # an object is judged on at most this many of its points (strided)
 
     def __post_init__(self) -> None:
-        for name in ('cell_m', 'cap_m', 'patch_m'):
+        for name in ('cell_m', 'cap_m', 'patch_m', 'max_static_misfit_m'):
             if not getattr(self, name) > 0:
                 raise StaticResidualError(f'EvidenceConfig.{name}: expected > 0, got {getattr(self, name)!r}')
         if not 0 <= self.min_gain < 1:
@@ -184,9 +187,11 @@ def fit_translations(x: np.ndarray, group: np.ndarray, t0: np.ndarray, surf: Sur
         A = np.stack([np.bincount(group, w * n[:, a] * n[:, b], G) for a in range(3) for b in range(3)],
                      axis=1).reshape(G, 3, 3) + np.bincount(group, wp, G)[:, None, None] * eye
         rhs = -np.stack([np.bincount(group, w * r * n[:, a] + wp * diff[:, a], G) for a in range(3)], axis=1)
+        A, rhs = A[:, :2, :2], rhs[:, :2]
         damp = 1e-4 * np.maximum(np.trace(A, axis1=1, axis2=2), 1.0)
-        step = np.linalg.solve(A + damp[:, None, None] * eye,
-                               (rhs + damp[:, None] * (t0 - t))[..., None])[..., 0]
+        step = np.zeros_like(t)
+        step[:, :2] = np.linalg.solve(A + damp[:, None, None] * eye[:2, :2],
+                                      (rhs + damp[:, None] * (t0 - t)[:, :2])[..., None])[..., 0]
         step[~active] = 0.0
         t += step
         active &= np.linalg.norm(step, axis=1) >= 1e-3
@@ -234,7 +239,7 @@ def supported_motion(points0, flow, valid, points1, dt_s: float,
     m = np.bincount(g, minlength=G).astype(np.float64)
     e0 = np.bincount(g, surf.misfit(x), G) / m
     need = np.maximum(cfg.min_gain * e0, cfg.min_gain_m)
-    ok = e0 - np.bincount(g, surf.misfit(x + fx), G) / m >= need
+    ok = (e0 - np.bincount(g, surf.misfit(x + fx), G) / m >= need) | (e0 >= cfg.max_static_misfit_m)
     # the fit only where it can change the answer: zero flow fitting within min_gain_m (a clean
     # static surface) cannot be beaten by enough
     todo = ~ok & (e0 >= cfg.min_gain_m)
