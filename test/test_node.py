@@ -93,6 +93,7 @@ def test_sequence_with_odometry_in_process(ros, tiny_model, synth_log):
               Parameter('device', value='cpu'), Parameter('ego_motion', value='odometry'),
               Parameter('odometry_wait_s', value=1.0), Parameter('latency_budget_ms', value=10000.0),
               Parameter('dynamic_threshold_mps', value=0.5), Parameter('marker_decimation', value=1),
+              Parameter('marker_max_arrows', value=5000),  # every dynamic point: checked one by one
               Parameter('warmup_iterations', value=1), Parameter('diagnostics_period_s', value=0.2)]
     node = ZeroFlowNode('zf_test', context=ros, parameter_overrides=params)
     probe = rclpy.create_node('zf_probe', context=ros)
