@@ -6,6 +6,7 @@
     zeroflow data to-bag SOURCE OUT.mcap [--topic /lidar] [--odom-topic /odom] [--frame-id lidar]
     zeroflow data info PATH                                       # a bag, an AV2 root/log or a sweep folder
     zeroflow data import SOURCE OUT [--split train] [--log-id ID] [--poses FILE] [--odom-topic T] [--topic T]
+                         [--sensor-xyz X Y Z] [--sensor-rpy R P Y] [--poses-frame {sensor,base}]
 
 ``to-bag`` SOURCE is an AV2/synthetic log folder (or a root holding exactly one log, else pick it
 with ``--log-id``), or a folder of KITTI ``.bin`` / PCD sweeps (``--poses`` adds odometry from a
@@ -89,6 +90,14 @@ def _add_import_arguments(sub) -> None:
                    help='first stamp for sweep folders without recorded times, then nominal 10 Hz')
     p.add_argument('--odom-threads', type=int, default=0, help='KISS-ICP threads (0 = all cores)')
     p.add_argument('--overwrite', action='store_true', help='replace an existing log of the same id')
+    p.add_argument('--sensor-xyz', type=float, nargs=3, default=(0.0, 0.0, 0.0), metavar=('X', 'Y', 'Z'),
+                   help='lidar position in the base frame, m (as the node\'s sensor_in_base_xyz; '
+                        'default 0 0 0 = the log\'s ego frame is the lidar\'s)')
+    p.add_argument('--sensor-rpy', type=float, nargs=3, default=(0.0, 0.0, 0.0), metavar=('R', 'P', 'Y'),
+                   help='lidar roll, pitch, yaw in the base frame, rad (as the node\'s sensor_in_base_rpy)')
+    p.add_argument('--poses-frame', choices=importer.POSE_FRAMES, default=None,
+                   help='frame the given poses describe (default: sensor for pose files; for bag odometry '
+                        'sensor when its child_frame_id is the cloud frame, else base)')
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -99,7 +108,8 @@ def _import(args: argparse.Namespace) -> int:
     res = import_source(args.source, args.out, split=args.split, log_id=args.log_id, poses=args.poses,
                         topic=args.topic, odom_topic=args.odom_topic, meta=args.meta,
                         deskew_sweeps=not args.no_deskew, max_sweeps=args.max_sweeps,
-                        start_ns=args.start_ns, overwrite=args.overwrite,
+                        start_ns=args.start_ns, overwrite=args.overwrite, sensor_xyz=tuple(args.sensor_xyz),
+                        sensor_rpy=tuple(args.sensor_rpy), poses_frame=args.poses_frame,
                         odometry=OdometryConfig(max_num_threads=args.odom_threads),
                         progress=lambda it: tqdm(it, desc='import', unit='sweep'))
     print(f'imported {res.sweeps} sweeps ({res.points} points) to {res.log_dir}; '
