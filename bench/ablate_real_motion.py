@@ -282,6 +282,9 @@ def post_rigid_residual(fr: FlowFrame, seq: Seq, k: int) -> np.ndarray:
     return _dynamic(fr, flow)
 
 
+EVIDENCE_MS: list[float] = []
+
+
 def post_evidence(**overrides) -> Callable[[FlowFrame, Seq, int], np.ndarray]:
     """Keep the flow of objects whose motion the next sweep supports (core.static_residual)."""
     from zeroflow_ros.core import preprocess
@@ -292,7 +295,9 @@ def post_evidence(**overrides) -> Callable[[FlowFrame, Seq, int], np.ndarray]:
         # the Pipeline's own selection of sweep t+1 (range box, geometric ground), in sensor0
         pair = preprocess.prepare_pair(fr.points, seq.points[k + 1], fr.ego1_T_ego0,
                                        preprocess.PreprocessConfig(ground='geometric'))
+        t0 = time.perf_counter()
         ok = supported_motion(fr.points, fr.flow, fr.valid, pair.pc1, fr.dt_s, cfg)
+        EVIDENCE_MS.append(1e3 * (time.perf_counter() - t0))
         return fr.is_dynamic & ok
     return f
 
@@ -319,6 +324,10 @@ VARIANTS = [
     Variant('deskew', 'sweeps de-skewed (azimuth time, ICP constant velocity)', deskew),
     Variant('evidence', 'base + motion-evidence test (core.static_residual.supported_motion)',
             post=post_evidence()),
+    Variant('evid_nofit', 'evidence test judging the network flow only (fit_iters=0)',
+            post=post_evidence(fit_iters=0)),
+    Variant('evid_p2p', 'evidence test with point-to-point misfit (patch_m ~ 0)',
+            post=post_evidence(patch_m=1e-9)),
     Variant('thr1.0', 'dynamic threshold 1.0 m/s', post=threshold(1.0)),
     Variant('thr2.0', 'dynamic threshold 2.0 m/s', post=threshold(2.0)),
 ]
@@ -413,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for v in chosen:
         print(f'{v.name:<12} {v.what}')
+    if EVIDENCE_MS:
+        print(f'\nsupported_motion: median {np.median(EVIDENCE_MS):.0f} ms, max {max(EVIDENCE_MS):.0f} ms '
+              f'per pair ({len(EVIDENCE_MS)} calls, all evidence variants, this machine, shared)')
     if args.ego:
         print()
         for n in ('kitti', 'pjlab'):
