@@ -72,6 +72,8 @@ class Variant:
     prepare: Callable[[Seq], Seq] = lambda s: s
     config: dict = field(default_factory=dict)
     post: Callable[[FlowFrame, Seq, int], np.ndarray] | None = None   # -> is_dynamic
+    # sets Pipeline.flow_correction (the hook the node will use): built per sequence
+    hook: Callable[[Seq], Callable] | None = None
     # '' normal pairs; 'same': sweep t paired with itself; 'moved': with itself moved by the ego motion
     self_pair: str = ''
 
@@ -116,6 +118,8 @@ def run_variant(v: Variant, seq: Seq, backend) -> list[tuple[float, np.ndarray, 
             frames.append(pipe.step(moved, s.stamps[k] + 100_000_000, geometry.invert(M)))
     else:
         pipe = Pipeline(PipelineConfig(**cfg), backend=backend)
+        if v.hook is not None:
+            pipe.flow_correction = v.hook(s)
         for k, (p, st) in enumerate(zip(s.points, s.stamps)):
             fr = pipe.step(p, st, s.poses[k] if s.poses else None)
             if fr is not None:
@@ -285,21 +289,21 @@ def post_rigid_residual(fr: FlowFrame, seq: Seq, k: int) -> np.ndarray:
 EVIDENCE_MS: list[float] = []
 
 
-def post_evidence(**overrides) -> Callable[[FlowFrame, Seq, int], np.ndarray]:
-    """Keep the flow of objects whose motion the next sweep supports (core.static_residual)."""
-    from zeroflow_ros.core import preprocess
-    from zeroflow_ros.core.static_residual import EvidenceConfig, supported_motion
-    cfg = EvidenceConfig(**overrides)
+def hook_evidence(**overrides) -> Callable[[Seq], Callable]:
+    """Pipeline.flow_correction = core.static_residual.make_flow_correction (timed)."""
+    from zeroflow_ros.core.static_residual import EvidenceConfig, make_flow_correction
 
-    def f(fr: FlowFrame, seq: Seq, k: int) -> np.ndarray:
-        # the Pipeline's own selection of sweep t+1 (range box, geometric ground), in sensor0
-        pair = preprocess.prepare_pair(fr.points, seq.points[k + 1], fr.ego1_T_ego0,
-                                       preprocess.PreprocessConfig(ground='geometric'))
-        t0 = time.perf_counter()
-        ok = supported_motion(fr.points, fr.flow, fr.valid, pair.pc1, fr.dt_s, cfg)
-        EVIDENCE_MS.append(1e3 * (time.perf_counter() - t0))
-        return fr.is_dynamic & ok
-    return f
+    def build(seq: Seq) -> Callable:
+        T = PipelineConfig(sensor_in_base_xyz=(0.0, 0.0, seq.height)).base_T_sensor
+        correct = make_flow_correction(EvidenceConfig(**overrides), base_T_sensor=T)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = correct(*args, **kwargs)
+            EVIDENCE_MS.append(1e3 * (time.perf_counter() - t0))
+            return out
+        return timed
+    return build
 
 
 def threshold(mps: float) -> Callable[[FlowFrame, np.ndarray], np.ndarray]:
@@ -322,12 +326,12 @@ VARIANTS = [
     Variant('h1.4', 'mounting height 1.4 m', height(1.4)),
     Variant('h2.0', 'mounting height 2.0 m', height(2.0)),
     Variant('deskew', 'sweeps de-skewed (azimuth time, ICP constant velocity)', deskew),
-    Variant('evidence', 'base + motion-evidence test (core.static_residual.supported_motion)',
-            post=post_evidence()),
+    Variant('evidence', 'base + motion-evidence test as Pipeline.flow_correction (core.static_residual)',
+            hook=hook_evidence()),
     Variant('evid_nofit', 'evidence test judging the network flow only (fit_iters=0)',
-            post=post_evidence(fit_iters=0)),
+            hook=hook_evidence(fit_iters=0)),
     Variant('evid_p2p', 'evidence test with point-to-point misfit (patch_m ~ 0)',
-            post=post_evidence(patch_m=1e-9)),
+            hook=hook_evidence(patch_m=1e-9)),
     Variant('thr1.0', 'dynamic threshold 1.0 m/s', post=threshold(1.0)),
     Variant('thr2.0', 'dynamic threshold 2.0 m/s', post=threshold(2.0)),
 ]
@@ -338,29 +342,24 @@ VARIANTS = [
 # ------------------------------------------------------------------------------------------------
 
 def synthetic_check(data_root: Path, split: str, out: Path, backend, evidence: dict) -> list[str]:
-    """EPE of the Pipeline's output on a synthetic split, plain and with the motion-evidence test."""
-    from zeroflow_ros.core import preprocess
-    from zeroflow_ros.core.static_residual import EvidenceConfig, supported_motion
+    """EPE of the Pipeline's output on a synthetic split, plain and with the motion-evidence hook."""
+    from zeroflow_ros.core.static_residual import EvidenceConfig, make_flow_correction
     from zeroflow_ros.data.av2 import list_logs
     from zeroflow_ros.eval.evaluate import evaluate
     from zeroflow_ros.eval.predict import MethodOutput, flow_table, output_path, write_feather_atomic
     cfg = PipelineConfig(backend='onnxruntime', device='cpu', ego_motion='odometry')
-    for log in list_logs(data_root, split):
-        pipe = Pipeline(cfg, backend=backend)
-        ts = [int(t) for t in log.timestamps]
-        for t0, t1 in zip([None] + ts[:-1], ts):
-            fr = pipe.step(log.points(t1), t1, log.pose(t1))
-            if fr is None:
-                continue
-            pair = preprocess.prepare_pair(fr.points, log.points(t1), fr.ego1_T_ego0,
-                                           preprocess.PreprocessConfig(ground='geometric'))
-            ok = supported_motion(fr.points, fr.flow, fr.valid, pair.pc1, fr.dt_s, EvidenceConfig(**evidence))
-            for name, flow, dyn in (('plain', fr.flow, fr.is_dynamic),
-                                    ('evidence', np.where(ok[:, None], fr.flow, 0.0), fr.is_dynamic & ok)):
-                cols = flow_table(fr.points, fr.ego1_T_ego0, MethodOutput(flow.astype(np.float32), dyn))
-                write_feather_atomic(output_path(out / name, log.log_id, t0), cols)
     rows = []
     for name in ('plain', 'evidence'):
+        for log in list_logs(data_root, split):
+            pipe = Pipeline(cfg, backend=backend)
+            if name == 'evidence':
+                pipe.flow_correction = make_flow_correction(EvidenceConfig(**evidence))
+            ts = [int(t) for t in log.timestamps]
+            for t0, t1 in zip([None] + ts[:-1], ts):
+                fr = pipe.step(log.points(t1), t1, log.pose(t1))
+                if fr is not None:
+                    cols = flow_table(fr.points, fr.ego1_T_ego0, MethodOutput(fr.flow, fr.is_dynamic))
+                    write_feather_atomic(output_path(out / name, log.log_id, t0), cols)
         t = evaluate(out / name, data_root, split).threeway
         rows.append(f"synthetic {split} {name:<9} EPE 3-way {t['EPE 3-Way Average']:.4f}  "
                     f"FG-dynamic {t['EPE/Foreground/Dynamic']:.4f}  "
@@ -384,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     evidence = {k: float(v) for k, v in (kv.split('=', 1) for kv in args.evidence)}
     for v in VARIANTS:
         if v.name == 'evidence' and evidence:
-            v.post = post_evidence(**evidence)
+            v.hook = hook_evidence(**evidence)
     logging.basicConfig(level=logging.WARNING)
     from zeroflow_ros.backends import create_backend
     from zeroflow_ros.pipeline import resolve_model_path

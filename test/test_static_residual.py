@@ -138,3 +138,57 @@ def test_bad_config_is_a_clear_error():
         EvidenceConfig(min_gain=1.5)
     with pytest.raises(StaticResidualError, match='cap_m'):
         EvidenceConfig(cap_m=0)
+
+
+def _car_and_wall_scene():
+    """Sweep t and t+1 (base frame, ego motion removed): a car moving 0.5 m, a resampled wall."""
+    car0 = box(6.0, -3.0)
+    p0 = np.vstack([car0, wall(-10, 10, 8.0, step=0.1)])
+    p1 = np.vstack([box(6.5, -3.0, offset=0.02), wall(-10, 10, 8.0, step=0.1, offset=0.04)])
+    flow = np.zeros((len(p0), 3))
+    flow[:len(car0)] = [0.3, 0.0, 0.0]
+    flow[len(car0):] = [0.14, 0.0, 0.0]
+    return p0, p1, flow, len(car0)
+
+
+def test_flow_correction_hook_in_a_tilted_sensor_frame():
+    # The same scene seen by a sensor 1.8 m up, rolled, pitched and yawed: the hook takes the
+    # cloud frame, judges in the base frame and returns the flow in the cloud frame.
+    from zeroflow_ros.core.static_residual import make_flow_correction
+    p0, p1, flow, n_car = _car_and_wall_scene()
+    base_T_sensor = geometry.make_transform(geometry.rpy_matrix(0.05, -0.04, 0.7), [0.2, 0.0, 1.8])
+    s_T_b = geometry.invert(base_T_sensor)
+    q0, q1 = geometry.transform_points(s_T_b, p0), geometry.transform_points(s_T_b, p1)
+    fs = (flow @ s_T_b[:3, :3].T).astype(np.float32)
+    out = make_flow_correction(base_T_sensor=base_T_sensor)(fs, np.ones(len(p0), bool), q0, q1, np.eye(4))
+    np.testing.assert_array_equal(out[:n_car], fs[:n_car])
+    assert not out[n_car:].any()
+    with pytest.raises(StaticResidualError, match='base_T_sensor'):
+        make_flow_correction(base_T_sensor=np.eye(3))
+
+
+class _ConstantFlow:
+    """Backend double: the scene's flow for sweep t, whatever the clouds (what a network would say)."""
+
+    name = 'constant'
+
+    def __init__(self, flow):
+        self.flow = np.asarray(flow, np.float32)
+
+    def infer(self, p0, p1):
+        assert len(p0) == len(self.flow)
+        return self.flow, np.ones(len(p0), bool)
+
+
+def test_pipeline_hook_clears_the_static_wall_and_keeps_the_car():
+    from zeroflow_ros.core.static_residual import make_flow_correction
+    from zeroflow_ros.pipeline import Pipeline, PipelineConfig
+    p0, p1, flow, n_car = _car_and_wall_scene()
+    cfg = PipelineConfig(ego_motion='none', ground_removal='none')
+    for hook, car, wall_dyn in ((None, True, True), (make_flow_correction(), True, False)):
+        pipe = Pipeline(cfg, backend=_ConstantFlow(flow))
+        pipe.flow_correction = hook
+        pipe.step(p0.astype(np.float32), 0)
+        fr = pipe.step(p1.astype(np.float32), 100_000_000)
+        assert fr.is_dynamic[:n_car].all() == car
+        assert fr.is_dynamic[n_car:].any() == wall_dyn

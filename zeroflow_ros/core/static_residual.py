@@ -253,3 +253,28 @@ def supported_motion(points0, flow, valid, points1, dt_s: float,
         ok[np.flatnonzero(todo)] = moves & (e0[todo] - e_fit >= need[todo])
     supported[idx] = ok[group]
     return supported
+
+
+def make_flow_correction(cfg: EvidenceConfig | None = None, base_T_sensor=None, dt_s: float = 0.1):
+    """Return a ``Pipeline.flow_correction`` hook that zeroes the flow :func:`supported_motion` rejects.
+
+    The hook is ``fn(flow (K0,3), valid (K0,), pc0 (K0,3), pc1 (K1,3), ego1_T_ego0, dt_s=dt_s) ->
+    flow``, all in the cloud frame of sweep t. With ``base_T_sensor`` the test runs in the base frame
+    (z up from the ground: the object fit keeps z fixed there); the returned flow stays in the cloud
+    frame. ``dt_s`` is the pair's time step for the speed threshold (the nominal 10 Hz unless the
+    caller passes the pair's own).
+    """
+    cfg = cfg or EvidenceConfig()
+    T = None if base_T_sensor is None else np.asarray(base_T_sensor, np.float64)
+    if T is not None and T.shape != (4, 4):
+        raise StaticResidualError(f'base_T_sensor: expected a 4x4 matrix, got shape {T.shape}')
+
+    def correct(flow, valid, pc0, pc1, ego1_T_ego0=None, dt_s: float = dt_s) -> np.ndarray:
+        flow = np.asarray(flow, np.float32)
+        p0, p1, f = np.asarray(pc0, np.float64), np.asarray(pc1, np.float64), flow.astype(np.float64)
+        if T is not None:
+            R, t = T[:3, :3], T[:3, 3]
+            p0, p1, f = p0 @ R.T + t, p1 @ R.T + t, f @ R.T
+        ok = supported_motion(p0, f, np.asarray(valid, bool), p1, dt_s, cfg)
+        return np.where(ok[:, None], flow, np.float32(0.0))
+    return correct
