@@ -65,8 +65,10 @@ def pct(values, q):
     return round(float(np.percentile(values, q)), 1) if len(values) else float('nan')
 
 
+#: the node's stages: decode .. sweep_pillars on the sweep worker, pair_points .. publish on the pair
+#: worker (markers, when someone subscribes to them, on a third, best-effort worker)
 STAGES = ('decode', 'check', 'ground', 'odometry', 'sweep_pillars', 'pair_points', 'network', 'scatter',
-          'encode', 'publish', 'markers')
+          'encode', 'publish')
 
 
 class Publisher:
@@ -106,14 +108,18 @@ class Window:
         if s.latencies_ms.maxlen < 100_000:
             s.latencies_ms = collections.deque(s.latencies_ms, maxlen=100_000)
             s.stages_ms = collections.deque(s.stages_ms, maxlen=100_000)
+            s.marker_ms = collections.deque(s.marker_ms, maxlen=100_000)
         self.base = dict(received=s.received, published=s.published, dropped=s.dropped_stale,
                          pairs=s.dropped_pairs, errors=s.errors_total, lat=len(s.latencies_ms),
-                         stages=len(s.stages_ms))
+                         stages=len(s.stages_ms), markers=len(s.marker_ms))
         self.t0 = time.monotonic()
+        self.cpu0 = time.process_time()
 
     def result(self, rate_hz: float, sent: int) -> dict:
         s, b = self.s, self.base
         wall = time.monotonic() - self.t0
+        cpu_ms = (time.process_time() - self.cpu0) * 1e3
+        flows = s.published - b['published']
         lat = list(s.latencies_ms)[b['lat']:]
         stages = list(s.stages_ms)[b['stages']:]
         return {
@@ -121,10 +127,15 @@ class Window:
             'received': s.received - b['received'], 'published': s.published - b['published'],
             'dropped_stale': s.dropped_stale - b['dropped'], 'dropped_pairs': s.dropped_pairs - b['pairs'],
             'errors': s.errors_total - b['errors'],
-            'flows_per_s': round((s.published - b['published']) / wall, 2),
+            'flows_per_s': round(flows / wall, 2),
+            # CPU of this process (node + publisher, all threads): what load from other jobs does
+            # not inflate much. cpu_ms_per_s 2000 = both cores of a 2-core machine busy.
+            'cpu_ms_per_s': round(cpu_ms / wall, 1),
+            'cpu_ms_per_flow': round(cpu_ms / flows, 1) if flows else float('nan'),
             'latency_ms_p50': pct(lat, 50), 'latency_ms_p99': pct(lat, 99),
             'latency_ms_max': round(max(lat), 1) if lat else float('nan'),
-            'stages_ms_p50': {k: pct([st.get(k, 0.0) for st in stages], 50) for k in STAGES},
+            'stages_ms_p50': {**{k: pct([st.get(k, 0.0) for st in stages], 50) for k in STAGES},
+                              'markers': pct(list(s.marker_ms)[b['markers']:], 50)},
             'rss_mb': rss_mb(), 'load_avg_1min': round(os.getloadavg()[0], 2),
         }
 
@@ -157,7 +168,8 @@ def soak(node, publisher: Publisher, rate_hz: float, minutes: float) -> list[dic
         print(f"soak min {row['minute']:>3}: {row['flows_per_s']} flows/s, "
               f"latency p50 {row['latency_ms_p50']} p99 {row['latency_ms_p99']} ms, "
               f"dropped {row['dropped_stale']}/{row['received']}, "
-              f"RSS {row['rss_mb']} MB, load {row['load_avg_1min']}", flush=True)
+              f"RSS {row['rss_mb']} MB, CPU {row['cpu_ms_per_s']} ms/s, load {row['load_avg_1min']}",
+              flush=True)
     node.wait_idle(30)
     return rows
 
@@ -165,7 +177,7 @@ def soak(node, publisher: Publisher, rate_hz: float, minutes: float) -> list[dic
 def drift(rows: list[dict], key: str) -> float:
     """Relative change (%) of ``key`` from the first to the last third of a soak."""
     vals = [r[key] for r in rows if np.isfinite(r[key])]
-    if len(vals) < 3:
+    if len(vals) < 2:
         return float('nan')
     k = max(1, len(vals) // 3)
     a, b = float(np.mean(vals[:k])), float(np.mean(vals[-k:]))
@@ -311,7 +323,9 @@ def run_node_bench(a: argparse.Namespace, model: str) -> dict:
                     print(f'{n:>7} pts {name:>8} @{r["input_hz"]:5.1f} Hz: {r["flows_per_s"]} flows/s, '
                           f'latency p50 {r["latency_ms_p50"]} p99 {r["latency_ms_p99"]} '
                           f'max {r["latency_ms_max"]} ms, dropped {r["dropped_stale"]}/{r["received"]} '
-                          f'(pairs {r["dropped_pairs"]}), errors {r["errors"]}, load {r["load_avg_1min"]}')
+                          f'(pairs {r["dropped_pairs"]}), errors {r["errors"]}, '
+                          f'CPU {r["cpu_ms_per_flow"]} ms per flow ({r["cpu_ms_per_s"]} ms/s), '
+                          f'load {r["load_avg_1min"]}')
                     print(f'{"":>12} stages p50 ms: {stage_line(r["stages_ms_p50"])}')
         finally:
             ex.shutdown()

@@ -172,8 +172,9 @@ class NodeStats:
     latencies_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=200))
     totals_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=200))
     # per published flow: ms per stage (decode, check, ground, odometry, sweep_pillars, pair_points,
-    # network, scatter, encode, publish, markers), for benches
+    # network, scatter, encode, publish), for benches; markers on their own worker
     stages_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=200))
+    marker_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=200))
     publish_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=200))
     receive_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=200))
     last_total_ms: float = float('nan')
@@ -195,6 +196,55 @@ def _rate(times: collections.deque, now: float, window_s: float = 5.0) -> float:
     return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-9)
 
 
+class _SlotWorker:
+    """One thread fed through a one-item slot: a new item replaces one still waiting (latest wins)."""
+
+    def __init__(self, name: str, fn: Any, stop: threading.Event):
+        self._fn = fn
+        self._stop = stop
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._item: Any = None
+        self._busy = False
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._wake.set()  # the loop sees the shared stop event at once
+
+    def put(self, item: Any) -> bool:
+        """Hand an item over; True when it replaced one that was still waiting."""
+        with self._lock:
+            replaced = self._item is not None
+            self._item = item
+        self._wake.set()
+        return replaced
+
+    def idle(self) -> bool:
+        with self._lock:
+            return self._item is None and not self._busy
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if not self._wake.wait(0.1):
+                continue
+            with self._lock:
+                item, self._item = self._item, None
+                self._wake.clear()
+                self._busy = item is not None
+            if item is None:
+                continue
+            try:
+                self._fn(item)
+            except Exception:  # the callers guard their own work; never let the thread die
+                log.exception('%s: unexpected error', self.thread.name)
+            finally:
+                with self._lock:
+                    self._busy = False
+
+
 class ZeroFlowNode(Node):
     """Scene-flow node; see the module docstring for topics and behaviour."""
 
@@ -204,8 +254,9 @@ class ZeroFlowNode(Node):
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._worker: threading.Thread | None = None
-        self._pair_worker: threading.Thread | None = None
-        self._pair_wake = threading.Event()
+        # (job, t0, t_recv, decode_ms) -> network + publish; a frame -> markers (best effort)
+        self._pairs = _SlotWorker('zeroflow_pair', lambda item: self._run_pair(*item), self._stop)
+        self._markers = _SlotWorker('zeroflow_markers', self._publish_markers, self._stop)
         for p in PARAMS:
             self.declare_parameter(p.name, p.default, _descriptor(p))
         self._check_choices()
@@ -225,9 +276,6 @@ class ZeroFlowNode(Node):
         self._used_seq = 0     # newest message fed to the pipeline (worker side)
         self._warn_times: dict[str, float] = {}
         self._busy = False     # the sweep worker holds a message
-        # (job, t0, t_recv, decode_ms) waiting for the pair worker; latest wins
-        self._pair_slot: tuple[Any, float, float, float] | None = None
-        self._pair_busy = False
         self._idle = False     # the last message was skipped: nobody subscribes
 
         self.poses = pl.PoseBuffer(base_T_sensor=self.config.base_T_sensor)
@@ -269,8 +317,8 @@ class ZeroFlowNode(Node):
                                              clock=steady)
         self._worker = threading.Thread(target=self._work, name='zeroflow_worker', daemon=True)
         self._worker.start()
-        self._pair_worker = threading.Thread(target=self._pair_work, name='zeroflow_pair', daemon=True)
-        self._pair_worker.start()
+        self._pairs.start()
+        self._markers.start()
 
         d = self.pipeline.describe()
         b = d['backend']
@@ -371,39 +419,21 @@ class ZeroFlowNode(Node):
             if item is not None:
                 self._process(*item)
 
-    def _pair_work(self) -> None:
-        while not self._stop.is_set():
-            if not self._pair_wake.wait(0.1):
-                continue
-            with self._lock:
-                item, self._pair_slot = self._pair_slot, None
-                self._pair_wake.clear()
-                self._pair_busy = item is not None
-            if item is None:
-                continue
-            try:
-                self._guarded(lambda: self._run_pair(*item), count=False)
-            finally:
-                with self._lock:
-                    self._pair_busy = False
-
     def _hand_over(self, job: Any, t0: float, t_recv: float, decode_ms: float) -> None:
         """Give a pair to the pair worker; one still waiting there is replaced (latest wins)."""
-        with self._lock:
-            if self._pair_slot is not None:
+        if self._pairs.put((job, t0, t_recv, decode_ms)):
+            with self._lock:
                 # that sweep gets no flow: a stale drop like one at the input
                 self.stats.dropped_pairs += 1
                 self.stats.dropped_stale += 1
-            self._pair_slot = (job, t0, t_recv, decode_ms)
-        self._pair_wake.set()
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """Wait until no message or pair is waiting or in work; False on timeout (tests and benches)."""
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
-                if (self._slot is None and not self._busy and self._pair_slot is None
-                        and not self._pair_busy):
+                idle = self._slot is None and not self._busy
+                if idle and self._pairs.idle() and self._markers.idle():
                     return True
             if time.monotonic() >= deadline:
                 return False
@@ -491,8 +521,20 @@ class ZeroFlowNode(Node):
             self._hand_over(job, t0, t_recv, decode_ms)
 
     def _run_pair(self, job: Any, t0: float, t_recv: float, decode_ms: float) -> None:
-        frame = self.pipeline.run_pair(job)
-        self._publish(frame, t0, t_recv, decode_ms, frame.next_stamp_ns)
+        self._guarded(lambda: self._publish(self.pipeline.run_pair(job), t0, t_recv, decode_ms,
+                                            job.cur.stamp_ns), count=False)
+
+    def _publish_markers(self, frame: pl.FlowFrame) -> None:
+        """Build and publish the arrows of one flow (marker worker: off the flow's latency path)."""
+        t0 = time.perf_counter()
+        verts, rgb = vis.arrow_segments(
+            frame.points, frame.flow, frame.speed, frame.is_dynamic,
+            decimation=self._p('marker_decimation'), length_scale=self._p('marker_length_scale'),
+            max_arrows=self._p('marker_max_arrows'), max_speed=self._p('marker_max_speed_mps'))
+        self._marker_pub.publish(
+            vis.flow_marker(frame.tag, verts, rgb, line_width=self._p('marker_line_width')))
+        with self._lock:
+            self.stats.marker_ms.append((time.perf_counter() - t0) * 1e3)
 
     def _publish(self, frame: pl.FlowFrame, t0: float, t_recv: float, decode_ms: float,
                  stamp_ns: int) -> None:
@@ -508,16 +550,13 @@ class ZeroFlowNode(Node):
         self._flow_pub.publish(out)
         t_pub = time.perf_counter()
         if self._p('publish_markers') and self._marker_pub.get_subscription_count() > 0:
-            verts, rgb = vis.arrow_segments(
-                frame.points, frame.flow, frame.speed, frame.is_dynamic,
-                decimation=self._p('marker_decimation'), length_scale=self._p('marker_length_scale'),
-                max_arrows=self._p('marker_max_arrows'), max_speed=self._p('marker_max_speed_mps'))
-            self._marker_pub.publish(
-                vis.flow_marker(frame.tag, verts, rgb, line_width=self._p('marker_line_width')))
+            # Markers are Python objects per arrow (GIL-bound, ~20 ms): their own worker, latest
+            # wins, so they never delay the flow nor the next pair.
+            self._markers.put(frame)
         now = time.monotonic()
         t_end = time.perf_counter()
         stages = {'decode': decode_ms, **frame.stages_ms, 'encode': (t_enc - t_post) * 1e3,
-                  'publish': (t_pub - t_enc) * 1e3, 'markers': (t_end - t_pub) * 1e3}
+                  'publish': (t_pub - t_enc) * 1e3}
         timings = dict(frame.timings_ms)
         timings['preprocess'] += decode_ms
         timings['postprocess'] += (t_end - t_post) * 1e3
@@ -652,8 +691,9 @@ class ZeroFlowNode(Node):
     def destroy_node(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._pair_wake.set()
-        for worker in (self._worker, self._pair_worker):
+        for slot in (self._pairs, self._markers):
+            slot.stop()
+        for worker in (self._worker, self._pairs.thread, self._markers.thread):
             if worker is not None and worker.is_alive():
                 worker.join(timeout=5.0)
         super().destroy_node()

@@ -353,11 +353,11 @@ class Pipeline:
         pts = self._check_points(points)
         stamp_ns = int(stamp_ns)
         t1 = time.perf_counter()
-        ground = self._ground(pts)
+        ground, scored = self._ground(pts)
         t2 = time.perf_counter()
         ego_T = self._ego_pose(pts, stamp_ns, pose, frame_id, ground)
         t3 = time.perf_counter()
-        cur = _Sweep(pts, ground, stamp_ns, ego_T, frame_id, tag)
+        cur = _Sweep(pts, ground, stamp_ns, ego_T, frame_id, tag, mask0=scored)
         self._sweep_t_inputs(cur)
         t4 = time.perf_counter()
         cur.stages_ms = {'check': (t1 - t0) * 1e3, 'ground': (t2 - t1) * 1e3, 'odometry': (t3 - t2) * 1e3,
@@ -431,7 +431,6 @@ class Pipeline:
 
     def _sweep_t_inputs(self, sweep: _Sweep) -> None:
         """Scored points of a sweep as sweep t of the next pair (own frame), pillarised once."""
-        sweep.mask0 = self._preprocess_cfg.in_range(sweep.points) & ~sweep.is_ground
         sweep.model0 = self._model_frame(sweep.points[sweep.mask0])
         if self._host_pillars() and len(sweep.model0):
             sweep.pillars0 = self.backend.pillarize(sweep.model0, 'points0')
@@ -502,16 +501,20 @@ class Pipeline:
             self.reset('odometry_failed')
             raise PipelineError('odometry', f'lidar odometry failed at {stamp_ns} ns: {exc}') from exc
 
-    def _ground(self, pts: np.ndarray) -> np.ndarray:
+    def _ground(self, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Ground mask and scored mask (in range, not ground) of one sweep in its own frame."""
         from zeroflow_ros.core import preprocess
         sane = _sane(pts)
         if sane.all():
-            return np.asarray(preprocess.prepare_cloud(pts, self._preprocess_cfg).is_ground, bool)
+            prep = preprocess.prepare_cloud(pts, self._preprocess_cfg)
+            return np.asarray(prep.is_ground, bool), np.asarray(prep.mask, bool)
         # Absurd coordinates (corrupt driver output) overflow grid arithmetic: never scored anyway.
         ground = np.zeros(len(pts), bool)
+        mask = np.zeros(len(pts), bool)
         if sane.any():
-            ground[sane] = preprocess.prepare_cloud(pts[sane], self._preprocess_cfg).is_ground
-        return ground
+            prep = preprocess.prepare_cloud(pts[sane], self._preprocess_cfg)
+            ground[sane], mask[sane] = prep.is_ground, prep.mask
+        return ground, mask
 
 
 #: Coordinates beyond this (metres) are treated like NaN: no lidar measures them, and they overflow
