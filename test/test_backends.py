@@ -126,8 +126,8 @@ def test_unknown_names_raise_listing_valid_ones(model_dir):
     assert all(n in str(exc.value) for n in ('auto',) + BACKEND_NAMES)
     with pytest.raises(BackendError, match='cpu, cuda'):
         create_backend(model_dir, device='tpu')
-    with pytest.raises(BackendError, match='fp32, fp16'):
-        create_backend(model_dir, precision='int8')
+    with pytest.raises(BackendError, match='fp32, fp16, int8'):
+        create_backend(model_dir, precision='int4')
     with pytest.raises(BackendError, match='no such file'):
         create_backend(model_dir / 'nope')
     assert [n for n, _ in AUTO_ORDER] == ['tensorrt', 'onnxruntime', 'torch', 'onnxruntime', 'torch']
