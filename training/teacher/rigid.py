@@ -26,6 +26,11 @@ does, survives large displacements. This is our own implementation of that idea:
    point-to-point registration and are called static). An accepted object's points get
    ``R p + t - p``; every other point gets 0 (pure ego motion).
 
+**Heights.** Registration and fit costs use coordinates whose height is scaled by ``z_weight``:
+lidar rings cross an object at different heights in the two sweeps (the range changed), so
+point-to-point distances in 3-D carry up to half a ring spacing of pure sampling noise (0.3-1 m on
+a 16/32-beam sensor at 20-40 m) that would swamp the fit; objects move in the ground plane.
+
 Input/output as :func:`zeroflow_training.teacher.nsfp.run_nsfp`: ``pc0`` (sweep t, ego0) and ``pc1``
 (sweep t+1 brought into ego0), both ground-removed; returns *residual* flow (N,3) float32 and an
 info dict. Everything is numpy/scipy on one core; no torch.
@@ -48,6 +53,7 @@ class RigidConfig:
     """Every constant of the rigid teacher (see the module docstring for the role of each)."""
 
     voxel_xy_m: float = 0.4        # clustering voxel, horizontal
+    link_cells: int = 1            # voxels up to this many cells apart in x/y are linked
     voxel_z_m: float = 1.0         # vertical: lidar rings on a far car are far apart vertically
     min_points: int = 8            # smaller clusters are static (too few points to register)
     max_extent_m: float = 20.0     # longer than an articulated bus: static structure
@@ -70,20 +76,24 @@ class RigidConfig:
     min_gain_m: float = 0.02       # and at least this much lower (m)
     min_motion_m: float = 0.05     # smaller displacements are static (registration noise)
     adopt_m: float = 1.0           # an unaccepted fragment this close to a mover may take its motion
+    z_weight: float = 0.3          # heights are scaled by this for matching (see "Heights" above)
+    vacate_m: float = 0.5          # sweep t+1 points this close to the object's old place ...
+    max_left_frac: float = 0.3     # ... and not explained by its new place: more (x cluster size) = static
+    flat_long_m: tuple[float, float] = (6.0, 1.3)  # longer than [0] and lower than [1] m: infrastructure
     seed: int = 0
 
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name == 'icp_gate_m':
+            if f.name in ('icp_gate_m', 'flat_long_m'):
                 ok = len(v) == 2 and all(np.isfinite(x) and x > 0 for x in v)
-            elif f.name == 'seed':
+            elif f.name in ('seed', 'link_cells'):
                 ok = isinstance(v, (int, np.integer))
             else:
                 ok = isinstance(v, (int, float, np.number)) and np.isfinite(v) and v > 0
             if not ok:
                 raise RigidError(f'RigidConfig.{f.name}: expected a positive number'
-                                 f'{" pair" if f.name == "icp_gate_m" else ""}, got {v!r}')
+                                 f'{" pair" if f.name in ("icp_gate_m", "flat_long_m") else ""}, got {v!r}')
         if self.min_inlier_frac > 1 or self.min_gain_ratio > 1:
             raise RigidError(f'RigidConfig: min_inlier_frac and min_gain_ratio must be <= 1, got '
                              f'{self.min_inlier_frac}, {self.min_gain_ratio}')
@@ -96,37 +106,45 @@ class RigidConfig:
         extra = sorted(set(d) - known)
         if extra:
             raise RigidError(f'RigidConfig: unknown keys {extra}; valid: {sorted(known)}')
-        if 'icp_gate_m' in d:
-            d['icp_gate_m'] = tuple(float(v) for v in d['icp_gate_m'])
+        for k in ('icp_gate_m', 'flat_long_m'):
+            if k in d:
+                d[k] = tuple(float(v) for v in d[k])
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out['icp_gate_m'] = list(self.icp_gate_m)
+        out['flat_long_m'] = list(self.flat_long_m)
         return out
 
 
 # ----------------------------------------------------------------------------------------------
 # clustering
 
-_FORWARD_OFFSETS = np.array([(dx, dy, dz) for dx in (-1, 0, 1) for dy in (-1, 0, 1) for dz in (-1, 0, 1)
-                             if (dx, dy, dz) > (0, 0, 0)], dtype=np.int64)
+def _forward_offsets(reach_xy: int) -> np.ndarray:
+    r = range(-reach_xy, reach_xy + 1)
+    return np.array([(dx, dy, dz) for dx in r for dy in r for dz in (-1, 0, 1) if (dx, dy, dz) > (0, 0, 0)],
+                    dtype=np.int64)
 
 
-def voxel_clusters(points: np.ndarray, cell_xy: float, cell_z: float) -> np.ndarray:
-    """(N,) cluster id (0..K-1) of every point: 26-connected components of occupied voxels."""
+def voxel_clusters(points: np.ndarray, cell_xy: float, cell_z: float, reach_xy: int = 1) -> np.ndarray:
+    """(N,) cluster id (0..K-1) of every point: connected components of occupied voxels.
+
+    Two voxels are linked when they differ by at most ``reach_xy`` cells in x and in y and by at most
+    one cell in z (``reach_xy=1``: 26-connectivity).
+    """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
     n = len(points)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     ijk = np.floor(np.asarray(points, dtype=np.float64)[:, :3] / (cell_xy, cell_xy, cell_z)).astype(np.int64)
-    ijk -= ijk.min(axis=0) - 1  # >= 1, so every neighbour offset stays >= 0
-    dims = ijk.max(axis=0) + 2
+    ijk -= ijk.min(axis=0) - reach_xy  # >= reach, so every neighbour offset stays >= 0
+    dims = ijk.max(axis=0) + reach_xy + 1
     key = (ijk[:, 0] * dims[1] + ijk[:, 1]) * dims[2] + ijk[:, 2]
     vox, point_vox = np.unique(key, return_inverse=True)
     rows, cols = [], []
-    for d in _FORWARD_OFFSETS:
+    for d in _forward_offsets(reach_xy):
         nb = vox + (d[0] * dims[1] + d[1]) * dims[2] + d[2]
         j = np.searchsorted(vox, nb)
         j = np.minimum(j, len(vox) - 1)
@@ -254,7 +272,8 @@ class _Scene:
         self.tree0 = cKDTree(pc0)
         self.cluster0 = cluster0
         self.tree_all = cKDTree(pc1)
-        labels = voxel_clusters(pc1, cfg.voxel_xy_m, cfg.voxel_z_m)
+        # pc1 is height-scaled
+        labels = voxel_clusters(pc1, cfg.voxel_xy_m, cfg.voxel_z_m * cfg.z_weight, cfg.link_cells)
         keep = np.zeros(len(pc1), dtype=bool)
         for idx in _groups(labels):
             if len(idx) >= 3 and _extent_xy(pc1[idx]) <= cfg.max_extent_m:
@@ -263,20 +282,21 @@ class _Scene:
         self.tree_obj = cKDTree(self.obj) if len(self.obj) else None
         self.tree_obj_xy = cKDTree(self.obj[:, :2]) if len(self.obj) else None
 
-    def stolen_fraction(self, moved: np.ndarray, own: int, trunc: float) -> float:
-        """Fraction of the t+1 points matched by ``moved`` that another cluster of t explains standing still.
 
-        A thin pole missed at t+1 would otherwise "move" onto its neighbour; a real mover lands where
-        nothing stood at t (or where its own points stood).
-        """
-        dist, idx = self.tree_all.query(moved, k=1, distance_upper_bound=trunc)
-        hit = np.unique(idx[np.isfinite(dist)])
-        if len(hit) == 0:
-            return 1.0
-        q = self.tree_all.data[hit]
-        d0, i0 = self.tree0.query(q, k=4, distance_upper_bound=trunc)
-        other = np.isfinite(d0) & (self.cluster0[np.minimum(i0, len(self.cluster0) - 1)] != own)
-        return float(other.any(axis=1).mean())
+def cKDTree_of(points: np.ndarray):  # noqa: N802 (scipy's class name)
+    from scipy.spatial import cKDTree
+    return cKDTree(points)
+
+
+def _flat_and_long(pts: np.ndarray, cfg: RigidConfig) -> bool:
+    """Long low structures (barriers, kerbs, hedges) are infrastructure, not vehicles.
+
+    Their lidar rings hit them in short segments at fixed distances from the sensor, so in a moving
+    sensor's frame the pattern travels with the sensor and fits "moving with us" better than static.
+    No vehicle is both longer than ``flat_long_m[0]`` and less tall than ``flat_long_m[1]``.
+    """
+    length, height = cfg.flat_long_m  # pts are in matching space: heights scaled by z_weight
+    return _extent_xy(pts) > length and float(np.ptp(pts[:, 2])) < height * cfg.z_weight
 
 
 def _subsample(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -287,7 +307,7 @@ def _subsample(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarr
 
 def _plausible(step: np.ndarray, yaw: float, cfg: RigidConfig, dt: float) -> bool:
     return bool(np.linalg.norm(step) <= cfg.max_speed_mps * dt and abs(yaw) <= cfg.max_yaw_rate * dt
-                and abs(step[2]) <= cfg.max_dz_m)
+                and abs(step[2]) <= cfg.max_dz_m * cfg.z_weight)  # step is height-scaled
 
 
 def _best_motion(src: np.ndarray, starts: list[np.ndarray], scene: _Scene, cfg: RigidConfig,
@@ -337,9 +357,63 @@ def register_cluster(pts: np.ndarray, own: int, scene: _Scene, cfg: RigidConfig,
         return 0.0, zero, 'poor fit (too few inliers)'
     if cost > cfg.min_gain_ratio * static_cost or static_cost - cost < cfg.min_gain_m:
         return 0.0, zero, 'static: motion does not explain sweep t+1 better than no motion'
-    if scene.stolen_fraction(src @ yaw_matrix(yaw).T + t, own, cfg.inlier_m) > cfg.max_stolen_frac:
-        return 0.0, zero, 'static: its match at t+1 is another object of t standing still'
     return yaw, t, 'moving'
+
+
+def _contradicted(pts: np.ndarray, moved: np.ndarray, scene: _Scene, tree_static, tree_pred,
+                  cfg: RigidConfig) -> str:
+    """Say why the rest of the scene contradicts this mover ('' when it does not)."""
+    dist, j = scene.tree_all.query(moved, k=1, distance_upper_bound=cfg.inlier_m)
+    hit = np.unique(j[np.isfinite(dist)])
+    if len(hit) == 0:
+        return 'lands on nothing'
+    ds, _ = tree_static.query(scene.tree_all.data[hit], k=1, distance_upper_bound=cfg.inlier_m)
+    if np.isfinite(ds).mean() > cfg.max_stolen_frac:
+        return 'its match at t+1 is something that stood there at t and stays'
+    rows = scene.tree_all.query_ball_point(pts, cfg.vacate_m)
+    near = np.unique(np.fromiter((k for row in rows for k in row), dtype=np.int64))
+    if len(near):
+        # Twice the inlier distance: a new view shows a little more or less of a surface.
+        dp, _ = tree_pred.query(scene.tree_all.data[near], k=1, distance_upper_bound=2 * cfg.inlier_m)
+        left = int((~np.isfinite(dp)).sum())
+        if left >= 0.5 * len(near) and left > cfg.max_left_frac * len(pts):
+            return 'something unexplained still stands where it was'
+    return ''
+
+
+def consistent_motions(p0: np.ndarray, motions: list, scene: _Scene, cfg: RigidConfig,
+                       rng: np.random.Generator, rounds: int = 2) -> list:
+    """Drop movers that the predicted sweep t+1 (static world in place, movers moved) contradicts.
+
+    Checked per mover, against everything else (a vehicle split into several clusters moves into
+    its own parts' old places, so the checks use the other movers' predicted places, not sweep t):
+
+    * its match at t+1 must not be explained by static structure of t (a thin pole missed at t+1
+      would otherwise "move" onto its neighbour);
+    * it must vacate its old place: t+1 points there must be explained by the predicted scene (a
+      stripe of a fence seen at a grazing angle is resampled elsewhere on the same fence each
+      sweep; it "moves" while the fence still stands where it was).
+    """
+    from scipy.spatial import cKDTree
+    keep = list(motions)
+    for _ in range(rounds):
+        moving = np.zeros(len(p0), dtype=bool)
+        moved = []
+        for idx, yaw, t in keep:
+            moving[idx] = True
+            moved.append(p0[idx] @ yaw_matrix(yaw).T + t)
+        static = p0[~moving]
+        tree_static = cKDTree(static if len(static) else np.full((1, 3), 1e9))
+        tree_pred = cKDTree(np.concatenate([static] + moved))
+        survivors = []
+        for (idx, yaw, t) in keep:
+            sub = _subsample(p0[idx], cfg.icp_points, rng)
+            if not _contradicted(sub, sub @ yaw_matrix(yaw).T + t, scene, tree_static, tree_pred, cfg):
+                survivors.append((idx, yaw, t))
+        if len(survivors) == len(keep):
+            break
+        keep = survivors
+    return keep
 
 
 def adopt_fragments(p0: np.ndarray, groups: list[np.ndarray], motions: list, flow: np.ndarray,
@@ -369,7 +443,7 @@ def adopt_fragments(p0: np.ndarray, groups: list[np.ndarray], motions: list, flo
         cost, inl = _fit_cost(moved, scene.tree_all, cfg.inlier_m)
         static_cost, _ = _fit_cost(pts, scene.tree_all, cfg.inlier_m)
         if inl >= cfg.min_inlier_frac and cost < static_cost:
-            flow[idx] = (moved - pts).astype(np.float32)
+            flow[idx] = ((moved - pts) / (1.0, 1.0, cfg.z_weight)).astype(np.float32)
             moving[idx] = True
             adopted += 1
     return adopted
@@ -398,12 +472,15 @@ def rigid_objects(pc0: np.ndarray, pc1: np.ndarray, cfg: RigidConfig | None = No
     flow = np.zeros((n, 3), dtype=np.float32)
     moving = np.zeros(n, dtype=bool)
     candidate = np.zeros(n, dtype=bool)
-    cluster = voxel_clusters(p0, cfg.voxel_xy_m, cfg.voxel_z_m)
+    cluster = voxel_clusters(p0, cfg.voxel_xy_m, cfg.voxel_z_m, cfg.link_cells)
     info: dict[str, Any] = {'status': 'ok', 'reason': '', 'points': n, 'clusters': 0, 'registered': 0,
                             'moving_objects': 0, 'adopted': 0}
     if n == 0 or len(p1) == 0:
         info['seconds'] = time.perf_counter() - t_start
         return RigidResult(flow, cluster, moving, candidate, info)
+    # Matching space: heights scaled (module docstring); flows are scaled back when written.
+    w = np.array([1.0, 1.0, cfg.z_weight])
+    p0, p1 = p0 * w, p1 * w
     scene = _Scene(p0, cluster, p1, cfg)
     rng = np.random.default_rng(cfg.seed if seed is None else seed)
     groups = _groups(cluster)
@@ -411,15 +488,18 @@ def rigid_objects(pc0: np.ndarray, pc1: np.ndarray, cfg: RigidConfig | None = No
     motions = []
     for idx in groups:
         pts = p0[idx]
-        if len(idx) < cfg.min_points or _extent_xy(pts) > cfg.max_extent_m:
+        if len(idx) < cfg.min_points or _extent_xy(pts) > cfg.max_extent_m or _flat_and_long(pts, cfg):
             continue
         candidate[idx] = True
         info['registered'] += 1
         yaw, t, verdict = register_cluster(pts, int(cluster[idx[0]]), scene, cfg, dt, rng)
         if verdict == 'moving':
-            flow[idx] = (pts @ yaw_matrix(yaw).T + t - pts).astype(np.float32)
-            moving[idx] = True
             motions.append((idx, yaw, t))
+    motions = consistent_motions(p0, motions, scene, cfg, rng)
+    for idx, yaw, t in motions:
+        pts = p0[idx]
+        flow[idx] = ((pts @ yaw_matrix(yaw).T + t - pts) / w).astype(np.float32)
+        moving[idx] = True
     info['moving_objects'] = len(motions)
     info['adopted'] = adopt_fragments(p0, groups, motions, flow, moving, scene, cfg)
     info['seconds'] = time.perf_counter() - t_start
