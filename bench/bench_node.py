@@ -65,10 +65,10 @@ def pct(values, q):
     return round(float(np.percentile(values, q)), 1) if len(values) else float('nan')
 
 
-#: the node's stages: decode .. sweep_pillars on the sweep worker, pair_points .. publish on the pair
+#: the node's stages: decode .. sweep_encoder on the sweep worker, pair_points .. publish on the pair
 #: worker (markers, when someone subscribes to them, on a third, best-effort worker)
-STAGES = ('decode', 'check', 'ground', 'odometry', 'sweep_pillars', 'pair_points', 'network', 'scatter',
-          'encode', 'publish')
+STAGES = ('decode', 'check', 'ground', 'odometry', 'sweep_pillars', 'sweep_encoder', 'pair_points', 'network',
+          'scatter', 'encode', 'publish')
 
 
 class Publisher:

@@ -51,6 +51,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any] | None]] = {
                                         'exclude': ['/unet/final/', '/unet/decoders.2/']}),
     'int8_qdq_encoder_only': ('all', {'format': 'QDQ', 'ops': ['Conv'],
                                       'exclude': ['/unet/decoders.', '/unet/final/']}),
+    # tighter activation ranges than min-max (outliers widen the int8 step)
+    'int8_qdq_conv_percentile': ('all', {'format': 'QDQ', 'ops': ['Conv'], 'calibrate': 'Percentile'}),
+    'int8_qdq_conv_entropy': ('all', {'format': 'QDQ', 'ops': ['Conv'], 'calibrate': 'Entropy'}),
 }
 REFERENCE = 'fp32_opt_all'
 

@@ -479,3 +479,22 @@ def test_int8_model_is_checked_against_its_source_and_auto_falls_back(model_copy
         create_backend(model_copy, backend='onnxruntime', device='cpu', precision='int8')
     with pytest.raises(BackendError, match='int8'):
         create_backend(model_copy, backend='torch', device='cpu', precision='int8')
+
+
+def test_sweep_part_once_then_pair_part_equals_the_whole_network(model_dir, pair):
+    """The node runs the sweep-t-only part (pillar encoder + UNet stages of sweep t) when the sweep
+    arrives and the rest per pair: same flow as the whole graph (reference: one session, infer)."""
+    from zeroflow_ros.backends.split import split_sweep_part
+    p0, p1 = pair
+    b = create_backend(model_dir, backend='onnxruntime', device='cpu', threads=1)
+    flow, valid = b.infer(p0, p1)
+    enc = b.encode_sweep(b.pillarize(p0))
+    assert enc.encoded is not None  # it did split: the pair call below runs the pair part only
+    f2, v2 = b.infer_pillars(enc, b.pillarize(p1))
+    assert np.array_equal(v2, valid) and np.abs(f2 - flow).max() <= 1e-6
+    sp = split_sweep_part((model_dir / 'model.onnx').read_bytes())
+    assert sp.pass_through == ['idx0'] and sp.sweep_nodes > 10 and len(sp.cut) >= 4
+    assert any('/unet/stages.' in c for c in sp.cut)  # the UNet stages of sweep t are in the sweep part
+    off = create_backend(model_dir, backend='onnxruntime', device='cpu', threads=1,
+                         options={'onnxruntime': {'split': False}})
+    assert off.encode_sweep(off.pillarize(p0)).encoded is None

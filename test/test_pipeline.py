@@ -370,9 +370,22 @@ def test_flow_marker_equals_checked_message_construction():
 
 # ------------------------------------------------------------------------ split / overlapped use
 
-def test_prepare_then_run_pair_overlapped_equals_offline_flow(backend):
+@pytest.fixture(scope='module')
+def ort_backend(tmp_path_factory, backend):
+    """onnxruntime on the same tiny model: its sweep-only part runs in prepare (encoder split)."""
+    pytest.importorskip('onnxruntime')
+    from zeroflow_ros.backends import create_backend
+    from zeroflow_training.export import export_onnx
+    d = tmp_path_factory.mktemp('onnx')
+    export_onnx(backend.source.checkpoint, d / 'model.onnx', verify=False)
+    return create_backend(str(d), backend='onnxruntime', device='cpu', threads=1)
+
+
+@pytest.mark.parametrize('which', ['torch', 'onnxruntime'])
+def test_prepare_then_run_pair_overlapped_equals_offline_flow(backend, ort_backend, which):
     """The node's two-stage use (sweep t+2 prepared before the pair t, t+1 runs) gives, for every
     pair, the offline values (prepare_pair + infer + scatter), also with the sensor above base."""
+    backend = backend if which == 'torch' else ort_backend
     cfg = PipelineConfig(ego_motion='odometry', ground_removal='geometric',
                          sensor_in_base_xyz=(0.3, 0.0, 1.73), sensor_in_base_rpy=(0.0, 0.02, 0.1))
     pipe = Pipeline(cfg, backend=backend)
@@ -380,6 +393,8 @@ def test_prepare_then_run_pair_overlapped_equals_offline_flow(backend):
     poses = [geometry.yaw_transform(0.01 * i, (0.8 * i, 0.05 * i, 0.0)) for i in range(4)]
     jobs = [pipe.prepare(c, i * 100_000_000, poses[i], frame_id='v') for i, c in enumerate(clouds)]
     assert jobs[0] is None and all(j is not None for j in jobs[1:])
+    # onnxruntime: sweep t's encoder pass ran in prepare; the pair only runs the rest
+    assert all((j.prev.pillars0.encoded is not None) == (which == 'onnxruntime') for j in jobs[1:])
     frames = [pipe.run_pair(j) for j in jobs[1:]]  # after all were prepared: nothing shared leaks
     R, t = cfg.base_T_sensor[:3, :3], cfg.base_T_sensor[:3, 3]
     for i, frame in enumerate(frames):

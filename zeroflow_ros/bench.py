@@ -280,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
 
 #: Stage order of the node: the sweep worker, the pair worker (publish: bench/bench_node.py, over
 #: DDS), and markers on their own best-effort worker (only while someone subscribes to them).
-SWEEP_STAGES = ('decode', 'check', 'ground', 'odometry', 'sweep_pillars')
+SWEEP_STAGES = ('decode', 'check', 'ground', 'odometry', 'sweep_pillars', 'sweep_encoder')
 PAIR_STAGES = ('pair_points', 'network', 'scatter', 'encode')
 NODE_STAGES = SWEEP_STAGES + PAIR_STAGES + ('markers',)
 

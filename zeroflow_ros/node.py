@@ -171,8 +171,8 @@ class NodeStats:
     resets: collections.Counter = field(default_factory=collections.Counter)
     latencies_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=200))
     totals_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=200))
-    # per published flow: ms per stage (decode, check, ground, odometry, sweep_pillars, pair_points,
-    # network, scatter, encode, publish), for benches; markers on their own worker
+    # per published flow: ms per stage (decode, check, ground, odometry, sweep_pillars, sweep_encoder,
+    # pair_points, network, scatter, encode, publish), for benches; markers on their own worker
     stages_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=200))
     marker_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=200))
     publish_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=200))

@@ -117,8 +117,8 @@ class FlowFrame:
     ego1_T_ego0: np.ndarray       # (4,4) float64
     timings_ms: dict[str, float]  # preprocess, inference, postprocess, total
     tag: Any = None               # whatever the caller passed with sweep t (the node: its header)
-    # finer split of the same work (ms): check, ground, odometry, sweep_pillars (sweep t+1's own
-    # work), pair_points, network, scatter
+    # finer split of the same work (ms): check, ground, odometry, sweep_pillars, sweep_encoder (sweep
+    # t+1's own work; the encoder pass is the network's sweep-only part), pair_points, network, scatter
     stages_ms: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -358,10 +358,10 @@ class Pipeline:
         ego_T = self._ego_pose(pts, stamp_ns, pose, frame_id, ground)
         t3 = time.perf_counter()
         cur = _Sweep(pts, ground, stamp_ns, ego_T, frame_id, tag, mask0=scored)
-        self._sweep_t_inputs(cur)
-        t4 = time.perf_counter()
+        t4 = self._sweep_t_inputs(cur)
+        t5 = time.perf_counter()
         cur.stages_ms = {'check': (t1 - t0) * 1e3, 'ground': (t2 - t1) * 1e3, 'odometry': (t3 - t2) * 1e3,
-                         'sweep_pillars': (t4 - t3) * 1e3}
+                         'sweep_pillars': (t4 - t3) * 1e3, 'sweep_encoder': (t5 - t4) * 1e3}
         prev, self._prev = self._prev, cur
         if prev is None:
             return None
@@ -429,11 +429,19 @@ class Pipeline:
         R, t = self._to_base
         return pts @ R.T + t
 
-    def _sweep_t_inputs(self, sweep: _Sweep) -> None:
-        """Scored points of a sweep as sweep t of the next pair (own frame), pillarised once."""
+    def _sweep_t_inputs(self, sweep: _Sweep) -> float:
+        """Prepare a sweep as sweep t of the next pair, once: scored points, pillars, encoder pass.
+
+        Returns the time the pillars were done (the network's sweep-only part runs after it).
+        """
         sweep.model0 = self._model_frame(sweep.points[sweep.mask0])
-        if self._host_pillars() and len(sweep.model0):
-            sweep.pillars0 = self.backend.pillarize(sweep.model0, 'points0')
+        if not (self._host_pillars() and len(sweep.model0)):
+            return time.perf_counter()
+        pillars = self.backend.pillarize(sweep.model0, 'points0')
+        t = time.perf_counter()
+        encode = getattr(self.backend, 'encode_sweep', None)
+        sweep.pillars0 = encode(pillars) if encode is not None else pillars
+        return t
 
     def _scatter(self, job: PairJob, residual: np.ndarray, valid_k: np.ndarray) -> FlowFrame:
         prev, cur = job.prev, job.cur

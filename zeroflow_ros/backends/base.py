@@ -172,6 +172,8 @@ class Pillars:
     keep: np.ndarray     # (n,) bool, in the grid box and finite
     points: np.ndarray   # (K,3) float32, the kept points in input order
     idx: np.ndarray      # (K,) int64 flat pillar index
+    # the network's sweep-t-only part already run on these pillars (Backend.encode_sweep), or None
+    encoded: tuple | None = None
 
 
 def check_points(points: Any, name: str) -> np.ndarray:
@@ -238,6 +240,17 @@ class Backend(abc.ABC):
         keep, pc, idx = pillarize(p, self.grid)
         return Pillars(len(p), keep, pc, np.ascontiguousarray(idx))
 
+    def encode_sweep(self, pil: Pillars) -> Pillars:
+        """Run the part of the network that needs this sweep alone (as sweep t), where the backend can.
+
+        The default does nothing: :meth:`infer_pillars` then runs the whole network.
+        """
+        return pil
+
+    def _run_encoded(self, encoded: tuple, pc0: np.ndarray, idx0: np.ndarray, pc1: np.ndarray,
+                     idx1: np.ndarray) -> np.ndarray:
+        raise NotImplementedError(f'{self.name}: encode_sweep is not split')
+
     def infer_pillars(self, pil0: Pillars, pil1: Pillars) -> tuple[np.ndarray, np.ndarray]:
         """Return what ``infer(points0, points1)`` returns, from clouds pillarised by :meth:`pillarize`."""
         with self.lock:
@@ -268,6 +281,8 @@ class Backend(abc.ABC):
         if len(pc0) == 0 or len(pc1) == 0:
             # Nothing to match against (or nothing to move): no flow is a claim we cannot make.
             flow_k = None
+        elif pil0.encoded is not None and sel0 is None:
+            flow_k = self._run_encoded(pil0.encoded, pc0, idx0, pc1, np.ascontiguousarray(idx1))
         else:
             flow_k = self._run(pc0, np.ascontiguousarray(idx0), pc1, np.ascontiguousarray(idx1))
         t2 = time.perf_counter()
@@ -314,6 +329,8 @@ class Backend(abc.ABC):
         p1 = p0 + rng.normal(0, 0.05, p0.shape).astype(np.float32)
         for _ in range(iterations):
             self.infer(p0, p1)
+        if iterations:  # the node's path too: sweep part when a sweep arrives, pair part per pair
+            self.infer_pillars(self.encode_sweep(self.pillarize(p0)), self.pillarize(p1))
 
     def describe(self) -> dict[str, Any]:
         """Facts for the start-up log line, diagnostics and bench JSON."""

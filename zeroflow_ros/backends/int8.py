@@ -84,12 +84,13 @@ def quantize_onnx(src: Path, out: Path, feeds: list[dict[str, np.ndarray]], sett
 
     ``settings``: ``format`` (QDQ | QOperator), ``ops`` (op types), optional ``exclude`` (node-name
     prefixes kept in fp32; the exporter names nodes after the torch modules, so they hold for any
-    model of the same architecture).
+    model of the same architecture) and ``calibrate`` (MinMax | Percentile | Entropy, default MinMax).
     """
     if not feeds:
         raise BackendError('int8 quantisation: no calibration pairs given')
     try:
-        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                              QuantType, quantize_static)
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError as exc:
         raise BackendError(f'int8 quantisation needs onnxruntime with its quantization tools: '
@@ -112,6 +113,7 @@ def quantize_onnx(src: Path, out: Path, feeds: list[dict[str, np.ndarray]], sett
         keep = [n.name for n in onnx.load(str(pre)).graph.node if exclude and n.name.startswith(exclude)]
         quantize_static(str(pre), str(out), Reader(), quant_format=getattr(QuantFormat, settings['format']),
                         op_types_to_quantize=list(settings['ops']), per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=keep)
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=keep,
+                        calibrate_method=getattr(CalibrationMethod, settings.get('calibrate', 'MinMax')))
     finally:
         pre.unlink(missing_ok=True)

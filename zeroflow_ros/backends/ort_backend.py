@@ -5,11 +5,13 @@ One ``InferenceSession`` per backend, created at load time; each call only feeds
 from __future__ import annotations
 
 import logging
+import dataclasses
+import threading
 from typing import Any
 
 import numpy as np
 
-from zeroflow_ros.backends.base import Backend, BackendError, ModelSource, default_threads
+from zeroflow_ros.backends.base import Backend, BackendError, ModelSource, Pillars, default_threads
 from zeroflow_ros.manifest import Manifest, ManifestError
 
 log = logging.getLogger(__name__)
@@ -35,10 +37,12 @@ class OrtBackend(Backend):
 
     def __init__(self, source: ModelSource, device: str = 'cpu', precision: str = 'fp32',
                  threads: int | None = None, verify_sha: bool = True, spin: bool = False,
-                 optimization: str = 'all') -> None:
+                 optimization: str = 'all', split: bool = True) -> None:
         """Open ``source.onnx``; ``spin`` lets idle worker threads busy-wait between ops.
 
         ``optimization``: onnxruntime graph optimisation level, one of ``OPTIMIZATION_LEVELS``.
+        ``split``: :meth:`encode_sweep` runs the sweep-t-only part of the graph (backends/split.py)
+        in its own session, made on first use; False: it does nothing.
 
         Spinning is off by default: on a vehicle computer the cores are shared with the lidar
         driver and other nodes, and on a loaded 2-core machine spinning threads cost ~50 % more CPU
@@ -111,6 +115,53 @@ class OrtBackend(Backend):
         self._version = ort.__version__
         self.spin = spin
         self.optimization = optimization
+        self.split = bool(split)
+        self._opts, self._providers = opts, providers
+        self._split_lock = threading.Lock()
+        self._split_parts: Any = None  # (sweep session, pair session, SplitGraph) | False: not splittable
+
+    def _split_sessions(self) -> Any:
+        with self._split_lock:
+            if self._split_parts is None:
+                self._split_parts = self._make_split()
+            return self._split_parts or None
+
+    def _make_split(self) -> Any:
+        import onnxruntime as ort
+
+        from zeroflow_ros.backends.split import split_sweep_part
+        try:
+            sp = split_sweep_part(self.onnx_file.read_bytes(), tuple(self._in_names[:2]))
+            if sp is None:
+                log.info('onnxruntime: %s has no sweep-only part; whole graph per pair', self.onnx_file)
+                return False
+            parts = tuple(ort.InferenceSession(b, sess_options=self._opts, providers=self._providers)
+                          for b in (sp.sweep, sp.pair))
+        except Exception as exc:  # an odd graph must not stop the node: the whole graph still runs
+            log.warning('onnxruntime: cannot split %s into sweep and pair parts (%s: %s); '
+                        'whole graph per pair', self.onnx_file, type(exc).__name__, exc)
+            return False
+        log.info('onnxruntime: %d of %d nodes run once per sweep (cut: %d tensors)', sp.sweep_nodes,
+                 sp.sweep_nodes + sp.pair_nodes, len(sp.cut))
+        return parts + (sp,)
+
+    def encode_sweep(self, pil: Pillars) -> Pillars:
+        """Run the sweep-t-only part (pillar encoder + UNet stages of sweep t) on these pillars."""
+        parts = self._split_sessions() if self.split and len(pil.points) else None
+        if parts is None:
+            return pil
+        session, _, sp = parts
+        encoded = session.run(sp.cut, {self._in_names[0]: pil.points, self._in_names[1]: pil.idx})
+        return dataclasses.replace(pil, encoded=tuple(encoded))
+
+    def _run_encoded(self, encoded: tuple, pc0: np.ndarray, idx0: np.ndarray, pc1: np.ndarray,
+                     idx1: np.ndarray) -> np.ndarray:
+        _, session, sp = self._split_sessions()
+        given = dict(zip(self._in_names, (pc0, idx0, pc1, idx1)))
+        feeds = {**dict(zip(sp.cut, encoded)), **{k: given[k] for k in sp.pass_through},
+                 **{k: given[k] for k in self._in_names[2:]}}
+        (flow,) = session.run([self._out_name], feeds)
+        return np.asarray(flow, dtype=np.float32)
 
     def _run(self, pc0: np.ndarray, idx0: np.ndarray, pc1: np.ndarray, idx1: np.ndarray) -> np.ndarray:
         feeds = dict(zip(self._in_names, (pc0, idx0, pc1, idx1)))
@@ -119,4 +170,4 @@ class OrtBackend(Backend):
 
     def _extra_description(self) -> dict[str, Any]:
         return {'providers': self.providers, 'onnx': str(self.onnx_file), 'onnxruntime': self._version,
-                'spin': self.spin, 'optimization': self.optimization}
+                'spin': self.spin, 'optimization': self.optimization, 'split': self.split}
