@@ -333,6 +333,7 @@ VARIANTS = [
     Variant('deskew', 'sweeps de-skewed (azimuth time, ICP constant velocity)', deskew),
     Variant('evidence', 'base + motion-evidence test as Pipeline.flow_correction (core.static_residual)',
             hook=hook_evidence()),
+    Variant('deskew_evid', 'de-skewed sweeps and the evidence test', deskew, hook=hook_evidence()),
     Variant('evid_nofit', 'evidence test judging the network flow only (fit_iters=0)',
             hook=hook_evidence(fit_iters=0)),
     Variant('evid_p2p', 'evidence test with point-to-point misfit (patch_m ~ 0)',
