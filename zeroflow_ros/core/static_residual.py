@@ -228,7 +228,9 @@ def supported_motion(points0, flow, valid, points1, dt_s: float,
     objects (``cell_m`` grid); an object keeps its flow only if moving it (by the network's flow, or by
     the translation fitted from the object's median flow, whichever fits better) brings it onto the
     surfaces of sweep t+1: mean misfit (:class:`SurfaceMisfit`) at least ``min_gain`` and
-    ``min_gain_m`` below the misfit of zero flow. Slower and invalid points are always True.
+    ``min_gain_m`` below the misfit of zero flow. An object that zero flow fits worse than
+    ``max_static_misfit_m`` keeps its flow too (the data contradict a static object, e.g. a mover
+    much faster than the network says). Slower and invalid points are always True.
     """
     cfg = cfg or EvidenceConfig()
     p, f, valid = _check(points0, flow, valid)
