@@ -294,7 +294,7 @@ def kitti_sequence(n: int) -> list[np.ndarray]:
 
 
 def node_stage_times(model: str | os.PathLike, n: int, frames: int = 12, ego_motion: str = 'lidar',
-                     backend: str = 'onnxruntime') -> dict[str, Any]:
+                     backend: str = 'onnxruntime', precision: str = 'fp32') -> dict[str, Any]:
     """Wall and thread-CPU ms per node stage at ``n`` points, sweeps played back and forth at 10 Hz."""
     from zeroflow_ros import visualization as vis
     from zeroflow_ros.core import pointcloud2 as pc2
@@ -302,7 +302,7 @@ def node_stage_times(model: str | os.PathLike, n: int, frames: int = 12, ego_mot
 
     limit_blas_threads(1)
     pipe = Pipeline(PipelineConfig(model=str(model), backend=backend, ego_motion=ego_motion,
-                                   max_sweep_gap_s=10.0))
+                                   precision=precision, max_sweep_gap_s=10.0))
     clouds = kitti_sequence(n)
     msgs = [pc2.encode(c, {}, frame_id='velodyne', stamp_ns=0) for c in clouds]
     rows: list[dict[str, float]] = []
@@ -310,10 +310,11 @@ def node_stage_times(model: str | os.PathLike, n: int, frames: int = 12, ego_mot
         k = i % (2 * len(msgs) - 2)  # back and forth: no jump for the lidar odometry
         msg = msgs[k if k < len(msgs) else 2 * len(msgs) - 2 - k]
         msg.header.stamp.sec, msg.header.stamp.nanosec = divmod((i + 1) * 100_000_000, 10**9)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         cloud = pc2.decode(msg)
         decode_ms = (time.perf_counter() - t0) * 1e3
         job = pipe.prepare(cloud.xyz, cloud.stamp_ns, frame_id=cloud.frame_id)
+        c1 = time.process_time()
         if job is None:
             continue
         frame = pipe.run_pair(job)
@@ -321,22 +322,28 @@ def node_stage_times(model: str | os.PathLike, n: int, frames: int = 12, ego_mot
         pc2.encode(frame.points, {'flow_x': frame.flow[:, 0], 'flow_y': frame.flow[:, 1],
                                   'flow_z': frame.flow[:, 2], 'speed': frame.speed,
                                   'is_dynamic': frame.is_dynamic.astype(np.uint8)}, frame_id='velodyne')
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         verts, rgb = vis.arrow_segments(frame.points, frame.flow, frame.speed, frame.is_dynamic,
-                                        decimation=4, length_scale=1.0, max_arrows=5000, max_speed=15.0)
+                                        decimation=4, length_scale=1.0, max_arrows=2000, max_speed=15.0)
         try:
             vis.flow_marker(msg.header, verts, rgb)
         except ImportError:  # no visualization_msgs: arrows only
             pass
-        t3 = time.perf_counter()
+        t3, c3 = time.perf_counter(), time.process_time()
         if i >= 3:  # the first pairs warm the backend and the odometry map up
             rows.append({'decode': decode_ms, **frame.stages_ms, 'encode': (t2 - t1) * 1e3,
-                         'markers': (t3 - t2) * 1e3})
+                         'markers': (t3 - t2) * 1e3, 'cpu_sweep': (c1 - c0) * 1e3,
+                         'cpu_pair': (c2 - c1) * 1e3, 'cpu_markers': (c3 - c2) * 1e3})
     p50 = {k: float(np.percentile([r.get(k, 0.0) for r in rows], 50)) for k in NODE_STAGES}
+    cpu = {k: float(np.percentile([r[k] for r in rows], 50))
+           for k in ('cpu_sweep', 'cpu_pair', 'cpu_markers')}
     sweep = sum(p50[k] for k in SWEEP_STAGES)
     pair = sum(p50[k] for k in PAIR_STAGES)
+    # process CPU time (all threads) is what other jobs on the machine inflate least: sweep + pair
+    # CPU per flow bounds the rate the cores can sustain, 1000 ms x cores / that
     return {'points': n, 'frames': len(rows), 'stages_ms_p50': p50, 'sweep_worker_ms': sweep,
-            'pair_worker_ms': pair, 'serial_ms': sweep + pair,
+            'pair_worker_ms': pair, 'serial_ms': sweep + pair, 'cpu_ms_p50': cpu,
+            'cpu_bound_hz': 1000.0 * default_threads() / max(cpu['cpu_sweep'] + cpu['cpu_pair'], 1e-9),
             'in_range_scored': int(pipe.backend.last_timing.in_range0)}
 
 
@@ -349,20 +356,30 @@ def format_node_table(runs: list[dict[str, Any]]) -> str:
     for k, label in (('sweep_worker_ms', 'sweep worker'), ('pair_worker_ms', 'pair worker'),
                      ('serial_ms', 'sweep + pair')):
         lines.append(f'{label:<21} ' + ' '.join(f'{r[k]:>10.1f}' for r in runs))
+    for k, label in (('cpu_sweep', 'CPU ms sweep'), ('cpu_pair', 'CPU ms pair'),
+                     ('cpu_markers', 'CPU ms markers')):
+        lines.append(f'{label:<21} ' + ' '.join(f'{r["cpu_ms_p50"][k]:>10.1f}' for r in runs))
+    lines.append(f'{"CPU-bound rate (Hz)":<21} ' + ' '.join(f'{r["cpu_bound_hz"]:>10.1f}' for r in runs))
     lines.append('p50 wall ms per stage, one sweep at a time. The node runs the workers overlapped: '
                  'throughput is bounded by the slower worker (and the cores), latency by sweep + pair '
-                 '+ DDS publish (bench/bench_node.py measures that over real DDS); markers: off that path.')
+                 '+ DDS publish (bench/bench_node.py measures that over real DDS); markers: off that path. '
+                 'CPU ms: process CPU time (all threads) per flow; CPU-bound rate = 1000 x cores / '
+                 '(sweep + pair CPU ms), the most the cores can sustain when nothing else runs.')
     return '\n'.join(lines)
 
 
 def run_node(args: argparse.Namespace, points: list[int]) -> int:
     model = Path(args.model or REPO_ROOT / 'models' / 'default')
-    runs = [node_stage_times(model, n, frames=args.repeats, ego_motion=args.ego_motion) for n in points]
-    report = {'model': str(model), 'ego_motion': args.ego_motion, 'machine': machine_info(), 'runs': runs,
+    precision = _csv(args.precisions)[0]
+    runs = [node_stage_times(model, n, frames=args.repeats, ego_motion=args.ego_motion, precision=precision)
+            for n in points]
+    report = {'model': str(model), 'ego_motion': args.ego_motion, 'precision': precision,
+              'machine': machine_info(), 'runs': runs,
               'date': dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}
     print(format_node_table(runs))
     print(f'machine load (1/5/15 min) {report["machine"].get("loadavg_1_5_15")} on '
-          f'{report["machine"]["cpu_count"]} cores; model {model}, ego_motion {args.ego_motion}')
+          f'{report["machine"]["cpu_count"]} cores; model {model} ({precision}), '
+          f'ego_motion {args.ego_motion}')
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1))
