@@ -28,6 +28,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
+# one home for the BEV clustering rule: the runtime's motion-evidence check uses the same one
+from zeroflow_ros.core.static_residual import bev_clusters  # noqa: F401  (re-exported for callers)
+
 
 class RefineError(ValueError):
     """Bad refinement settings or inputs (names the field and what was expected)."""
@@ -59,20 +62,6 @@ class RefineConfig:
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
-
-
-def bev_clusters(points: np.ndarray, cell_m: float) -> np.ndarray:
-    """(N,) cluster id of every point: 8-connected components of the occupied bird's-eye cells."""
-    from scipy import ndimage
-    if len(points) == 0:
-        return np.zeros(0, dtype=np.int64)
-    ij = np.floor(np.asarray(points)[:, :2] / cell_m).astype(np.int64)
-    ij -= ij.min(axis=0)
-    shape = tuple(int(v) + 1 for v in ij.max(axis=0))
-    occ = np.zeros(shape, dtype=bool)
-    occ[ij[:, 0], ij[:, 1]] = True
-    comp, _ = ndimage.label(occ, structure=np.ones((3, 3), dtype=bool))
-    return comp[ij[:, 0], ij[:, 1]].astype(np.int64)
 
 
 def refine_labels(points: np.ndarray, flow: np.ndarray, valid: np.ndarray, cfg: RefineConfig) -> np.ndarray:
