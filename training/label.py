@@ -252,10 +252,10 @@ def _run_teachers(todo: list, cfg: Any, device: str) -> list[tuple[Any, dict[str
         except ValueError as exc:  # NSFPError
             return [(None, {'status': 'failed', 'reason': f'NSFP refused the input: {exc}'})] * len(todo)
     results = []
-    for _, t, *_, a, b in todo:
+    for _, t, _, T, _, a, b in todo:
         seed = pair_seed(cfg.rigid.seed, t.log_id, t.ts0)
         try:
-            results.append(run_teacher(a, b, cfg, device, seed, dt=(t.ts1 - t.ts0) * 1e-9))
+            results.append(run_teacher(a, b, cfg, device, seed, dt=(t.ts1 - t.ts0) * 1e-9, ego1_T_ego0=T))
         except ValueError as exc:  # RigidError / NSFPError: the teacher refused this input
             results.append((None, {'status': 'failed', 'reason': f'{cfg.name} refused the input: {exc}'}))
     return results

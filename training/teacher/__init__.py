@@ -76,10 +76,12 @@ class TeacherConfig:
 
 
 def run_teacher(pc0: np.ndarray, pc1: np.ndarray, cfg: TeacherConfig | None = None, device: str = 'cpu',
-                seed: int | None = None, dt: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+                seed: int | None = None, dt: float | None = None,
+                ego1_T_ego0: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Residual flow (N,3) float32 of ``pc0`` and an info dict (``teacher``, ``status``, ``seconds``, ...).
 
-    ``dt`` is the sweep interval in seconds (the rigid part's speed limits scale with it).
+    ``dt`` is the sweep interval in seconds (the rigid part's speed limits scale with it);
+    ``ego1_T_ego0`` the pair's ego motion (the rigid part doubts objects that merely follow the sensor).
     """
     cfg = cfg or TeacherConfig()
     if cfg.name == 'nsfp':
@@ -87,10 +89,10 @@ def run_teacher(pc0: np.ndarray, pc1: np.ndarray, cfg: TeacherConfig | None = No
         flow, info = run_nsfp(pc0, pc1, cfg.nsfp, device, seed)
     elif cfg.name == 'rigid':
         from zeroflow_training.teacher.rigid import run_rigid
-        flow, info = run_rigid(pc0, pc1, cfg.rigid, dt, seed)
+        flow, info = run_rigid(pc0, pc1, cfg.rigid, dt, seed, ego1_T_ego0)
     else:
         from zeroflow_training.teacher.hybrid import run_hybrid
-        flow, info = run_hybrid(pc0, pc1, cfg, device, seed, dt)
+        flow, info = run_hybrid(pc0, pc1, cfg, device, seed, dt, ego1_T_ego0)
     info = dict(info)
     info['teacher'] = cfg.name
     return flow, info

@@ -34,7 +34,8 @@ class HybridConfig:
 
 
 def run_hybrid(pc0: np.ndarray, pc1: np.ndarray, cfg: 'TeacherConfig', device: str = 'cpu',
-               seed: int | None = None, dt: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+               seed: int | None = None, dt: float | None = None,
+               ego1_T_ego0: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Residual flow (N,3) float32 of ``pc0`` and an info dict (rigid counts + ``nsfp_points``)."""
     from scipy.spatial import cKDTree
 
@@ -43,7 +44,7 @@ def run_hybrid(pc0: np.ndarray, pc1: np.ndarray, cfg: 'TeacherConfig', device: s
     from zeroflow_training.teacher.rigid import _extent_xy, _groups, rigid_objects
 
     t0 = time.perf_counter()
-    res = rigid_objects(pc0, pc1, cfg.rigid, dt, seed)
+    res = rigid_objects(pc0, pc1, cfg.rigid, dt, seed, ego1_T_ego0)
     flow = res.flow.copy()
     info = dict(res.info)
     p0 = np.asarray(pc0, dtype=np.float32)

@@ -64,22 +64,28 @@ class RigidConfig:
     max_stolen_frac: float = 0.5   # of the matched t+1 points already explained by other clusters of t
     frame_dt_s: float = 0.1        # sweep interval when the caller gives none (AV2: 10 Hz)
     vote_bin_m: float = 0.2        # translation histogram cell
-    vote_src: int = 96             # points of the cluster that vote
+    vote_src: int = 128             # points of the cluster that vote
     vote_dst: int = 1500           # points of sweep t+1 voted for (random subset of the reach)
-    vote_peaks: int = 2            # strongest histogram peaks tried as initial translations
+    vote_peaks: int = 4            # strongest histogram peaks tried as initial translations
     icp_points: int = 300          # points of the cluster registered (the motion then moves all)
     icp_iters: int = 20
     icp_gate_m: tuple[float, float] = (0.8, 0.25)  # correspondence gate, from first to last iteration
     inlier_m: float = 0.25         # truncation of the fit cost, and the inlier distance
     min_inlier_frac: float = 0.5   # of the cluster within inlier_m of sweep t+1 after the motion
-    min_gain_ratio: float = 0.5    # moved cost <= ratio * static cost
+    min_gain_ratio: float = 0.7    # moved cost <= ratio * static cost
+    big_m: float = 6.0             # clusters longer than this (walls more often than buses) ...
+    big_gain_ratio: float = 0.6    # ... need moved cost <= this * static cost
     min_gain_m: float = 0.02       # and at least this much lower (m)
     min_motion_m: float = 0.05     # smaller displacements are static (registration noise)
     adopt_m: float = 1.0           # an unaccepted fragment this close to a mover may take its motion
+    adopt_gain_ratio: float = 0.8  # if it fits it better than standing still by this factor
     z_weight: float = 0.3          # heights are scaled by this for matching (see "Heights" above)
     vacate_m: float = 0.5          # sweep t+1 points this close to the object's old place ...
     max_left_frac: float = 0.3     # ... and not explained by its new place: more (x cluster size) = static
     flat_long_m: tuple[float, float] = (6.0, 1.3)  # longer than [0] and lower than [1] m: infrastructure
+    follow_tol_m: float = 0.3      # a motion this close to the sensor's own ("moving with us") ...
+    follow_max_extent_m: float = 8.0  # ... is believed only for objects up to this long ...
+    follow_gain_ratio: float = 0.5    # ... that it explains this decisively (see register_cluster)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -330,8 +336,28 @@ def _best_motion(src: np.ndarray, starts: list[np.ndarray], scene: _Scene, cfg: 
     return best
 
 
+def _follows_sensor(centre: np.ndarray, new_centre: np.ndarray, ego1_T_ego0: np.ndarray | None,
+                    cfg: RigidConfig) -> bool:
+    """Tell whether a motion keeps the object where it was *relative to the moving sensor*.
+
+    Lidar rings cut walls and barriers parallel to the path into segments at fixed distances from
+    the sensor; that pattern travels with a moving sensor, so "moving with us" fits them better than
+    standing still. Real vehicles do follow us at our speed, so such a motion needs more evidence.
+    """
+    if ego1_T_ego0 is None:
+        return False
+    from zeroflow_ros.core.geometry import invert
+    back = invert(ego1_T_ego0)
+    if float(np.linalg.norm(back[:2, 3])) < cfg.follow_tol_m:
+        return False  # the sensor barely moved: following it is standing still
+    c = centre / (1.0, 1.0, cfg.z_weight)
+    with_sensor = back[:3, :3] @ c + back[:3, 3]
+    return float(np.linalg.norm(new_centre[:2] - with_sensor[:2])) < cfg.follow_tol_m
+
+
 def register_cluster(pts: np.ndarray, own: int, scene: _Scene, cfg: RigidConfig, dt: float,
-                     rng: np.random.Generator) -> tuple[float, np.ndarray, str]:
+                     rng: np.random.Generator,
+                     ego1_T_ego0: np.ndarray | None = None) -> tuple[float, np.ndarray, str]:
     """Best rigid motion (yaw, t) of cluster ``own`` of sweep t, or (0, 0, reason) when it stays static."""
     zero = np.zeros(3)
     if scene.tree_obj is None:
@@ -355,8 +381,17 @@ def register_cluster(pts: np.ndarray, own: int, scene: _Scene, cfg: RigidConfig,
         return 0.0, zero, 'static: best motion below min_motion_m'
     if inl < cfg.min_inlier_frac:
         return 0.0, zero, 'poor fit (too few inliers)'
-    if cost > cfg.min_gain_ratio * static_cost or static_cost - cost < cfg.min_gain_m:
+    ratio = cfg.big_gain_ratio if _extent_xy(pts) > cfg.big_m else cfg.min_gain_ratio
+    if cost > ratio * static_cost or static_cost - cost < cfg.min_gain_m:
         return 0.0, zero, 'static: motion does not explain sweep t+1 better than no motion'
+    # Aliasing: on a periodic structure (columns, windows, a row of posts) the opposite shift fits
+    # as well as the found one; a real mover cannot be explained by moving backwards.
+    step = yaw_matrix(yaw) @ centre + t - centre
+    if _fit_cost(src - step, scene.tree_all, cfg.inlier_m)[0] <= cfg.min_gain_ratio * static_cost:
+        return 0.0, zero, 'static: the opposite motion fits as well (periodic structure)'
+    if _follows_sensor(centre, yaw_matrix(yaw) @ centre + t, ego1_T_ego0, cfg) and (
+            _extent_xy(pts) > cfg.follow_max_extent_m or cost > cfg.follow_gain_ratio * static_cost):
+        return 0.0, zero, 'static: moves with the sensor without decisive evidence (ring pattern)'
     return yaw, t, 'moving'
 
 
@@ -422,8 +457,9 @@ def adopt_fragments(p0: np.ndarray, groups: list[np.ndarray], motions: list, flo
 
     Lidar breaks one vehicle into pieces (windows, sparse far rings); a lone piece (a vertical stripe
     of a bus side) has no shape to register, but it moves with the body beside it. The fragment takes
-    the neighbour's motion only if that motion brings it closer to sweep t+1 than standing still and
-    lands at least half of it within ``inlier_m``; a pole next to a passing car stays put.
+    the neighbour's motion only if it is smaller than the neighbour, that motion brings it closer to
+    sweep t+1 than standing still (``adopt_gain_ratio``) and lands at least half of it within
+    ``inlier_m``; a pole next to a passing car stays put.
     """
     from scipy.spatial import cKDTree
     if not motions:
@@ -437,12 +473,14 @@ def adopt_fragments(p0: np.ndarray, groups: list[np.ndarray], motions: list, flo
         dist, j = tree.query(p0[idx, :2], k=1, distance_upper_bound=cfg.adopt_m)
         if not np.isfinite(dist).any():
             continue
-        _, yaw, t = motions[owner[j[np.argmin(dist)]]]
+        donor, yaw, t = motions[owner[j[np.argmin(dist)]]]
+        if len(idx) > len(donor):  # a wall beside a passing car is no fragment of it
+            continue
         pts = p0[idx]
         moved = pts @ yaw_matrix(yaw).T + t
         cost, inl = _fit_cost(moved, scene.tree_all, cfg.inlier_m)
         static_cost, _ = _fit_cost(pts, scene.tree_all, cfg.inlier_m)
-        if inl >= cfg.min_inlier_frac and cost < static_cost:
+        if inl >= cfg.min_inlier_frac and cost < cfg.adopt_gain_ratio * static_cost:
             flow[idx] = ((moved - pts) / (1.0, 1.0, cfg.z_weight)).astype(np.float32)
             moving[idx] = True
             adopted += 1
@@ -459,7 +497,8 @@ def _check_cloud(name: str, pc: Any) -> np.ndarray:
 
 
 def rigid_objects(pc0: np.ndarray, pc1: np.ndarray, cfg: RigidConfig | None = None,
-                  dt: float | None = None, seed: int | None = None) -> RigidResult:
+                  dt: float | None = None, seed: int | None = None,
+                  ego1_T_ego0: np.ndarray | None = None) -> RigidResult:
     """Run the rigid teacher and keep its per-point bookkeeping (clusters, accepted objects)."""
     cfg = cfg or RigidConfig()
     t_start = time.perf_counter()
@@ -492,7 +531,7 @@ def rigid_objects(pc0: np.ndarray, pc1: np.ndarray, cfg: RigidConfig | None = No
             continue
         candidate[idx] = True
         info['registered'] += 1
-        yaw, t, verdict = register_cluster(pts, int(cluster[idx[0]]), scene, cfg, dt, rng)
+        yaw, t, verdict = register_cluster(pts, int(cluster[idx[0]]), scene, cfg, dt, rng, ego1_T_ego0)
         if verdict == 'moving':
             motions.append((idx, yaw, t))
     motions = consistent_motions(p0, motions, scene, cfg, rng)
@@ -507,11 +546,13 @@ def rigid_objects(pc0: np.ndarray, pc1: np.ndarray, cfg: RigidConfig | None = No
 
 
 def run_rigid(pc0: np.ndarray, pc1: np.ndarray, cfg: RigidConfig | None = None, dt: float | None = None,
-              seed: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+              seed: int | None = None,
+              ego1_T_ego0: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Residual flow (N,3) float32 of ``pc0`` towards ``pc1`` (both ego0, ground removed) and an info dict.
 
     ``dt`` is the sweep interval in seconds (default ``cfg.frame_dt_s``); it scales the speed limits.
+    ``ego1_T_ego0`` (optional, the pair's ego motion) lets it doubt motions that merely follow the sensor.
     Raises :class:`RigidError` on bad input.
     """
-    res = rigid_objects(pc0, pc1, cfg, dt, seed)
+    res = rigid_objects(pc0, pc1, cfg, dt, seed, ego1_T_ego0)
     return res.flow, res.info

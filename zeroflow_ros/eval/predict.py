@@ -194,7 +194,8 @@ class TeacherMethod(FlowMethod):
             log.warning('teacher: %d / %d scored points (< min_points %d): static-world flow for this sweep',
                         n0, n1, self.config.min_points)
             return MethodOutput(np.zeros((len(points0), 3), dtype=np.float32))
-        residual, _info = self._run(prep.pc0, prep.pc1, self.config, self.device, dt=self.dt)
+        residual, _info = self._run(prep.pc0, prep.pc1, self.config, self.device, dt=self.dt,
+                                    ego1_T_ego0=prep.ego1_T_ego0)
         residual = np.asarray(residual, dtype=np.float32)
         if residual.shape != (n0, 3):
             raise PredictError(f'teacher {self.config.name} returned flow {residual.shape} for {n0} points')
