@@ -221,7 +221,8 @@ def node_params(a: argparse.Namespace, model: str) -> list:
     """Only what the command line sets: everything else stays at the node's defaults."""
     from rclpy.parameter import Parameter
     params = [Parameter('model', value=model)]
-    for name, value in (('backend', a.backend), ('precision', a.precision), ('ego_motion', a.ego_motion)):
+    for name, value in (('backend', a.backend), ('precision', a.precision), ('ego_motion', a.ego_motion),
+                        ('inference_threads', a.threads)):
         if value is not None:
             params.append(Parameter(name, value=value))
     return params
@@ -238,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument('--precision', default=None, help='node parameter precision (default: the node default)')
     ap.add_argument('--ego-motion', default=None, choices=('none', 'lidar'),
                     help='node parameter ego_motion (default: the node default, lidar)')
+    ap.add_argument('--threads', type=int, default=None,
+                    help='node parameter inference_threads (default: the node default, half the cores)')
     ap.add_argument('--rate', type=float, default=10.0)
     ap.add_argument('--count', type=int, default=100, help='clouds per steady phase')
     ap.add_argument('--overload-rate', type=float, default=20.0)
