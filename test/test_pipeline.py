@@ -429,3 +429,18 @@ def test_flow_correction_hook_gets_the_pair_and_its_result_is_published(backend)
     assert np.array_equal(seen['pc0'], prep.pc0) and np.array_equal(seen['pc1'], prep.pc1)
     assert np.array_equal(seen['T'], np.eye(4)) and len(seen['flow']) == len(prep.pc0)
     assert np.allclose(got.flow, 0.5 * ref.flow, atol=1e-7)
+
+
+def test_sweep_not_encoded_ahead_still_gives_the_same_flow(ort_backend):
+    """encode=False (the node when behind) skips sweep t's encoder pass; its pair runs the whole
+    network instead: same flow as the encoded path (and as offline prediction)."""
+    cfg = PipelineConfig(ego_motion='none', ground_removal='geometric')
+    a, b = Pipeline(cfg, backend=ort_backend), Pipeline(cfg, backend=ort_backend)
+    p0, p1 = kitti(0), kitti(1)
+    ja = [a.prepare(p0, 0), a.prepare(p1, 100_000_000)]
+    jb = [b.prepare(p0, 0, encode=False), b.prepare(p1, 100_000_000)]
+    assert ja[1].prev.pillars0.encoded is not None and jb[1].prev.pillars0.encoded is None
+    fa, fb = a.run_pair(ja[1]), b.run_pair(jb[1])
+    assert np.abs(fa.flow - fb.flow).max() <= 1e-5 and np.array_equal(fa.valid, fb.valid)
+    flow, valid, _ = offline_flow(ort_backend, cfg, p0, p1, np.eye(4))
+    assert np.abs(fb.flow - flow).max() <= 1e-5

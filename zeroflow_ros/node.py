@@ -513,7 +513,14 @@ class ZeroFlowNode(Node):
         if self.config.ego_motion == 'odometry':
             pose = self.poses.wait_for(stamp_ns, self._p('odometry_wait_s'))
         decode_ms = (time.perf_counter() - t_dec) * 1e3
-        job = self.pipeline.prepare(xyz, stamp_ns, pose, frame_id=cloud.frame_id, tag=msg.header)
+        with self._lock:
+            waiting = self._slot[0] if self._slot is not None else 0
+        # Behind (the waiting message is not the next one): this sweep will not be sweep t of the
+        # next pair (that message's predecessor will be), so its share of the network would be
+        # wasted. A predecessor (infer=False) is sweep t of the pair that follows: it is encoded.
+        behind = infer and waiting > self._used_seq + 1 and self._p('pair_consecutive')
+        job = self.pipeline.prepare(xyz, stamp_ns, pose, frame_id=cloud.frame_id, tag=msg.header,
+                                    encode=not behind)
         reason = self.pipeline.last_reset_reason
         if reason is not None:
             with self._lock:

@@ -348,11 +348,13 @@ class Pipeline:
         return self.run_pair(job)
 
     def prepare(self, points: np.ndarray, stamp_ns: int, pose: np.ndarray | None = None, *,
-                frame_id: str = '', tag: Any = None) -> PairJob | None:
+                frame_id: str = '', tag: Any = None, encode: bool = True) -> PairJob | None:
         """Take sweep t+1 in (all per-sweep work); return the pair it completes, or None.
 
         Raises :class:`PipelineError` on a rejected sweep, as :meth:`step`. Not thread-safe: one
-        caller thread feeds sweeps in order.
+        caller thread feeds sweeps in order. ``encode=False`` skips the network's sweep-only part
+        for this sweep (a caller that knows it will not be sweep t of the next pair, e.g. under
+        overload); if it is after all, its pair runs the whole network (same flow).
         """
         t0 = time.perf_counter()
         self.last_reset_reason = None
@@ -364,7 +366,7 @@ class Pipeline:
         ego_T = self._ego_pose(pts, stamp_ns, pose, frame_id, ground)
         t3 = time.perf_counter()
         cur = _Sweep(pts, ground, stamp_ns, ego_T, frame_id, tag, mask0=scored)
-        t4 = self._sweep_t_inputs(cur)
+        t4 = self._sweep_t_inputs(cur, encode)
         t5 = time.perf_counter()
         cur.stages_ms = {'check': (t1 - t0) * 1e3, 'ground': (t2 - t1) * 1e3, 'odometry': (t3 - t2) * 1e3,
                          'sweep_pillars': (t4 - t3) * 1e3, 'sweep_encoder': (t5 - t4) * 1e3}
@@ -435,7 +437,7 @@ class Pipeline:
         R, t = self._to_base
         return pts @ R.T + t
 
-    def _sweep_t_inputs(self, sweep: _Sweep) -> float:
+    def _sweep_t_inputs(self, sweep: _Sweep, encode: bool = True) -> float:
         """Prepare a sweep as sweep t of the next pair, once: scored points, pillars, encoder pass.
 
         Returns the time the pillars were done (the network's sweep-only part runs after it).
@@ -445,8 +447,8 @@ class Pipeline:
             return time.perf_counter()
         pillars = self.backend.pillarize(sweep.model0, 'points0')
         t = time.perf_counter()
-        encode = getattr(self.backend, 'encode_sweep', None)
-        sweep.pillars0 = encode(pillars) if encode is not None else pillars
+        encoder = getattr(self.backend, 'encode_sweep', None) if encode else None
+        sweep.pillars0 = encoder(pillars) if encoder is not None else pillars
         return t
 
     def _scatter(self, job: PairJob, residual: np.ndarray, valid_k: np.ndarray) -> FlowFrame:
