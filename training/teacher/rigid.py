@@ -79,6 +79,7 @@ class RigidConfig:
     min_motion_m: float = 0.05     # smaller displacements are static (registration noise)
     adopt_m: float = 1.0           # an unaccepted fragment this close to a mover may take its motion
     adopt_gain_ratio: float = 0.8  # if it fits it better than standing still by this factor
+    refine_max_m: float = 0.5      # point-to-line refinement may move the result at most this far
     z_weight: float = 0.3          # heights are scaled by this for matching (see "Heights" above)
     vacate_m: float = 0.5          # sweep t+1 points this close to the object's old place ...
     max_left_frac: float = 0.3     # ... and not explained by its new place: more (x cluster size) = static
@@ -220,6 +221,52 @@ def icp_yaw(src: np.ndarray, tree, target: np.ndarray, t0: np.ndarray, iters: in
     return yaw, t
 
 
+def bev_normals(points: np.ndarray, tree_xy, k: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Bird's-eye unit normals (M,2) of a cloud and their weight (M,) = 1 - minor/major spread.
+
+    Vertical surfaces (vehicle sides, fronts) are lines from above; roofs and bushes spread in both
+    directions and get little weight.
+    """
+    k = min(k, len(points))
+    _, idx = tree_xy.query(points[:, :2], k=k)
+    nb = points[idx.reshape(len(points), k), :2]
+    d = nb - nb.mean(axis=1, keepdims=True)
+    cxx, cyy, cxy = (d[..., 0] ** 2).mean(1), (d[..., 1] ** 2).mean(1), (d[..., 0] * d[..., 1]).mean(1)
+    major = 0.5 * np.arctan2(2 * cxy, cxx - cyy)  # direction of the largest spread
+    normal = np.stack([-np.sin(major), np.cos(major)], axis=1)
+    half = np.sqrt(((cxx - cyy) / 2) ** 2 + cxy ** 2)
+    lam_max, lam_min = (cxx + cyy) / 2 + half, (cxx + cyy) / 2 - half
+    return normal, np.clip(1.0 - lam_min / np.maximum(lam_max, 1e-12), 0.0, 1.0)
+
+
+def refine_point_to_line(src: np.ndarray, tree, target: np.ndarray, normals: np.ndarray, weight: np.ndarray,
+                         yaw: float, t: np.ndarray, gate: float, iters: int = 10) -> tuple[float, np.ndarray]:
+    """Point-to-line ICP in bird's-eye view (yaw, x, y; z from the mean offset), from (yaw, t).
+
+    Point-to-point ICP is biased along long flat sides: the dense side points pull toward where
+    the two samplings coincide. Distances along the surface normal leave sliding free, so the
+    object's ends and corners decide the motion along the side.
+    """
+    t = np.asarray(t, dtype=np.float64).copy()
+    for _ in range(iters):
+        moved = src @ yaw_matrix(yaw).T + t
+        dist, j = tree.query(moved, k=1, distance_upper_bound=gate)
+        ok = np.isfinite(dist)
+        if ok.sum() < 6:
+            break
+        m, q, n, w = moved[ok], target[j[ok]], normals[j[ok]], weight[j[ok]]
+        r = ((m[:, :2] - q[:, :2]) * n).sum(axis=1)
+        jac = np.stack([n[:, 1] * m[:, 0] - n[:, 0] * m[:, 1], n[:, 0], n[:, 1]], axis=1)
+        a = (jac * w[:, None]).T @ jac + 1e-6 * np.eye(3)
+        dx = np.linalg.solve(a, -(jac * w[:, None]).T @ r)
+        dyaw = float(dx[0])
+        t = yaw_matrix(dyaw) @ t + np.array([dx[1], dx[2], float(np.mean(q[:, 2] - m[:, 2]))])
+        yaw += dyaw
+        if abs(dyaw) < 1e-5 and float(np.abs(dx[1:]).max()) < 1e-4:
+            break
+    return yaw, t
+
+
 def vote_translations(src: np.ndarray, dst: np.ndarray, reach: float, cfg: RigidConfig) -> list[np.ndarray]:
     """Strongest candidate bird's-eye translations src -> dst (histogram voting), best first."""
     from scipy.ndimage import maximum_filter, uniform_filter
@@ -287,6 +334,8 @@ class _Scene:
         self.obj = pc1[keep]
         self.tree_obj = cKDTree(self.obj) if len(self.obj) else None
         self.tree_obj_xy = cKDTree(self.obj[:, :2]) if len(self.obj) else None
+        self.normals, self.normal_weight = (bev_normals(self.obj, self.tree_obj_xy) if len(self.obj) >= 3
+                                            else (np.zeros((0, 2)), np.zeros(0)))
 
 
 def cKDTree_of(points: np.ndarray):  # noqa: N802 (scipy's class name)
@@ -392,6 +441,13 @@ def register_cluster(pts: np.ndarray, own: int, scene: _Scene, cfg: RigidConfig,
     if _follows_sensor(centre, yaw_matrix(yaw) @ centre + t, ego1_T_ego0, cfg) and (
             _extent_xy(pts) > cfg.follow_max_extent_m or cost > cfg.follow_gain_ratio * static_cost):
         return 0.0, zero, 'static: moves with the sensor without decisive evidence (ring pattern)'
+    if with_yaw:
+        yaw2, t2 = refine_point_to_line(src, scene.tree_obj, scene.obj, scene.normals, scene.normal_weight,
+                                        yaw, t, cfg.icp_gate_m[1])
+        step2 = yaw_matrix(yaw2) @ centre + t2 - centre
+        # A refinement, not a new answer: far from the point-to-point result means it slid off.
+        if np.linalg.norm(step2 - step) <= cfg.refine_max_m and _plausible(step2, yaw2, cfg, dt):
+            yaw, t = yaw2, t2
     return yaw, t, 'moving'
 
 
