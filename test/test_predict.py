@@ -97,7 +97,8 @@ def dataset(tmp_path) -> Path:
 def _predict(data: Path, out: Path, method: str, workers: int = 1, **extra) -> None:
     args = argparse.Namespace(data_root=data, split='val', method=method, model='models/default',
                               backend='auto', device='cpu', ground='auto', out=out, submission=None,
-                              submission_out=None, only_masked=False, workers=workers)
+                              submission_out=None, only_masked=False, workers=workers,
+                              no_motion_evidence=False)
     vars(args).update(extra)
     assert P.run(args) == 0
 
