@@ -30,11 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / 'config' / 'fastdds_large_data.xml'
 
 
-def offline_flow(backend, p0, p1, ego1_T_ego0, ground='geometric'):
-    """The offline reference (what `zeroflow predict` computes): prepare_pair + infer + scatter."""
+def offline_flow(backend, p0, p1, ego1_T_ego0, ground='geometric', dt_s=0.1):
+    """The offline reference (what `zeroflow predict` computes): prepare_pair + infer + the default
+    motion-evidence check (tested on its own in test_static_residual/test_pipeline) + scatter."""
     from zeroflow_ros.core import preprocess
+    from zeroflow_ros.pipeline import PipelineConfig, make_motion_evidence
     prep = preprocess.prepare_pair(p0, p1, ego1_T_ego0, preprocess.PreprocessConfig(ground=ground))
     flow_k, valid_k = backend.infer(prep.pc0, prep.pc1)
+    evidence = make_motion_evidence(PipelineConfig())
+    flow_k = evidence(flow_k, valid_k, prep.pc0, prep.pc1, ego1_T_ego0, dt_s=dt_s)
     flow = np.zeros((len(p0), 3), np.float32)
     flow[prep.mask0] = np.where(valid_k[:, None], flow_k, 0)
     valid = np.zeros(len(p0), bool)
@@ -221,7 +225,8 @@ def test_sim_time_node_subscribes_to_a_late_publisher_before_any_clock(ros, tiny
         pub = probe.create_publisher(PointCloud2, '/zf_simtime/input/pointcloud', 1)
         assert wait_for(lambda: pub.get_subscription_count() >= 1, 15), \
             'node never subscribed: its QoS poll must not run on the (stopped) sim clock'
-        assert node.reliability == 'reliable'
+        # the publisher can see the subscription a moment before the poll's thread records its QoS
+        assert wait_for(lambda: node.reliability == 'reliable', 5), node.reliability
     finally:
         ex.shutdown()
         spin.join(5)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from zeroflow_ros.testing import make_tiny_model
+from zeroflow_ros.pipeline import PipelineConfig, make_motion_evidence
 
 ROOT = Path(__file__).resolve().parents[1]
 N_FUZZ = 1000
@@ -294,6 +295,7 @@ def test_fuzz_then_good_pair(node_env):
     assert msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec == t0
     prep = preprocess.prepare_pair(p0, p1, np.eye(4), preprocess.PreprocessConfig(ground='geometric'))
     flow_k, valid_k = node.pipeline.backend.infer(prep.pc0, prep.pc1)
+    flow_k = make_motion_evidence(PipelineConfig())(flow_k, valid_k, prep.pc0, prep.pc1, np.eye(4), dt_s=0.1)
     ref = np.zeros((len(p0), 3), np.float32)
     ref[prep.mask0] = np.where(valid_k[:, None], flow_k, 0)
     raw = np.frombuffer(bytes(msg.data), np.uint8).reshape(-1, msg.point_step)
@@ -356,6 +358,8 @@ def test_overload_drops_but_pairs_consecutive_sweeps(node_env):
         p0, p1 = clouds[k], clouds[k + 1]  # consecutive, even though frames were dropped
         prep = preprocess.prepare_pair(p0, p1, np.eye(4), preprocess.PreprocessConfig(ground='geometric'))
         flow_k, valid_k = real.infer(prep.pc0, prep.pc1)
+        flow_k = make_motion_evidence(PipelineConfig())(flow_k, valid_k, prep.pc0, prep.pc1, np.eye(4),
+                                                        dt_s=0.1)
         ref = np.zeros((len(p0), 3), np.float32)
         ref[prep.mask0] = np.where(valid_k[:, None], flow_k, 0)
         raw = np.frombuffer(bytes(msg.data), np.uint8).reshape(-1, msg.point_step)

@@ -17,7 +17,8 @@ from scipy.spatial.transform import Rotation, Slerp
 
 from zeroflow_ros.core import geometry, preprocess
 from zeroflow_ros.pipeline import (FlowFrame, Pipeline, PipelineConfig, PipelineError, PoseBuffer,
-                                   clip_indices, make_preprocess_config, pose_matrix, resolve_model_path)
+                                   clip_indices, make_motion_evidence, make_preprocess_config, pose_matrix,
+                                   resolve_model_path)
 from zeroflow_ros.visualization import arrow_segments, speed_colors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,10 +52,13 @@ def kitti(i: int, n: int = 30000) -> np.ndarray:
     return np.ascontiguousarray(pts[:: max(1, len(pts) // n)][:n])
 
 
-def offline_flow(backend, cfg: PipelineConfig, p0, p1, ego1_T_ego0):
-    """What `zeroflow predict` computes for one pair: prepare_pair + infer + scatter."""
+def offline_flow(backend, cfg: PipelineConfig, p0, p1, ego1_T_ego0, dt_s: float = 0.1):
+    """What `zeroflow predict` computes for one pair: prepare_pair + infer (+ evidence test) + scatter."""
     prep = preprocess.prepare_pair(p0, p1, ego1_T_ego0, make_preprocess_config(cfg))
     flow_k, valid_k = backend.infer(prep.pc0, prep.pc1)
+    fix = make_motion_evidence(cfg)
+    if fix is not None:
+        flow_k = fix(flow_k, valid_k, prep.pc0, prep.pc1, ego1_T_ego0, dt_s=dt_s)
     flow = np.zeros((len(p0), 3), np.float32)
     valid = np.zeros(len(p0), bool)
     flow[prep.mask0] = np.where(valid_k[:, None], flow_k, 0)
@@ -202,7 +206,9 @@ class BaseFrameRule:
 def test_model_sees_clouds_in_the_base_frame_and_flow_comes_back_in_the_cloud_frame():
     # lidar 1.73 m above base_link, turned 90 deg left: base = Rz(90) sensor + (0, 0, 1.73)
     rule = BaseFrameRule()
-    cfg = PipelineConfig(ego_motion='none', ground_removal='none', sensor_in_base_xyz=(0, 0, 1.73),
+    # a rule backend's flow is not in the data: the motion-evidence test (tested on its own) would drop it
+    cfg = PipelineConfig(ego_motion='none', ground_removal='none', motion_evidence=False,
+                         sensor_in_base_xyz=(0, 0, 1.73),
                          sensor_in_base_rpy=(0, 0, np.pi / 2))
     pipe = Pipeline(cfg, backend=rule)
     a, b = kitti(2, 5000), kitti(3, 5000)
@@ -386,7 +392,7 @@ def test_prepare_then_run_pair_overlapped_equals_offline_flow(backend, ort_backe
     """The node's two-stage use (sweep t+2 prepared before the pair t, t+1 runs) gives, for every
     pair, the offline values (prepare_pair + infer + scatter), also with the sensor above base."""
     backend = backend if which == 'torch' else ort_backend
-    cfg = PipelineConfig(ego_motion='odometry', ground_removal='geometric',
+    cfg = PipelineConfig(ego_motion='odometry', ground_removal='geometric', motion_evidence=False,
                          sensor_in_base_xyz=(0.3, 0.0, 1.73), sensor_in_base_rpy=(0.0, 0.02, 0.1))
     pipe = Pipeline(cfg, backend=backend)
     clouds = [kitti(i, 20000) for i in range(4)]
@@ -414,11 +420,11 @@ def test_flow_correction_hook_gets_the_pair_and_its_result_is_published(backend)
     """The post-network hook sees sweep t's scored points, sweep t+1 in ego0 and the motion."""
     seen = {}
 
-    def halve(flow, valid, pc0, pc1, T):
+    def halve(flow, valid, pc0, pc1, T, **kw):
         seen.update(flow=flow.copy(), valid=valid.copy(), pc0=pc0, pc1=pc1, T=T)
         return flow * 0.5
 
-    cfg = PipelineConfig(ego_motion='none', ground_removal='geometric')
+    cfg = PipelineConfig(ego_motion='none', ground_removal='geometric', motion_evidence=False)
     plain, hooked = Pipeline(cfg, backend=backend), Pipeline(cfg, backend=backend)
     hooked.flow_correction = halve
     p0, p1 = kitti(0), kitti(1)
@@ -444,3 +450,28 @@ def test_sweep_not_encoded_ahead_still_gives_the_same_flow(ort_backend):
     assert np.abs(fa.flow - fb.flow).max() <= 1e-5 and np.array_equal(fa.valid, fb.valid)
     flow, valid, _ = offline_flow(ort_backend, cfg, p0, p1, np.eye(4))
     assert np.abs(fb.flow - flow).max() <= 1e-5
+
+
+def test_motion_evidence_is_on_by_default_and_equals_the_core_check(backend):
+    """The default config runs core.static_residual's check on the pair (in the base frame, with the
+    pair's own dt); motion_evidence=False publishes the network's flow unchanged."""
+    from zeroflow_ros.core.static_residual import EvidenceConfig, supported_motion
+    assert PipelineConfig().motion_evidence
+    p0, p1 = kitti(0), kitti(1)
+    frames = {}
+    for on in (True, False):
+        cfg = PipelineConfig(ego_motion='none', ground_removal='geometric', motion_evidence=on,
+                             sensor_in_base_xyz=(0, 0, 1.73))
+        pipe = Pipeline(cfg, backend=backend)
+        pipe.step(p0, 0)
+        frames[on] = pipe.step(p1, 200_000_000)
+    raw, got = frames[False], frames[True]
+    cfg = PipelineConfig(ground_removal='geometric', sensor_in_base_xyz=(0, 0, 1.73))
+    prep = preprocess.prepare_pair(p0, p1, np.eye(4), make_preprocess_config(cfg))
+    lift = np.array([0, 0, 1.73])
+    ok = supported_motion(prep.pc0 + lift, raw.flow[prep.mask0], raw.valid[prep.mask0], prep.pc1 + lift, 0.2,
+                          EvidenceConfig(min_speed_mps=cfg.dynamic_threshold_mps))
+    assert (~ok).sum() > 0 and ok.sum() > 0  # the tiny model's flow: some points dropped, some kept
+    want = np.where(ok[:, None], raw.flow[prep.mask0], 0.0)
+    np.testing.assert_allclose(got.flow[prep.mask0], want, atol=1e-6)
+    assert not got.is_dynamic[prep.mask0][~ok].any()

@@ -292,6 +292,9 @@ def test_student_method_scatters_backend_output(dataset, tmp_path):
                         is_ground0=pair.is_ground0, is_ground1=pair.is_ground1)
     flow, valid = backend.infer(prep.pc0, prep.pc1)
     assert 0 < valid.sum() < len(valid)
+    # the node's default post-network check (tested in test_static_residual / test_pipeline)
+    from zeroflow_ros.pipeline import PipelineConfig, make_motion_evidence
+    flow = make_motion_evidence(PipelineConfig())(flow, valid, prep.pc0, prep.pc1, dt_s=DT_NS * 1e-9)
     scored = np.where(valid[:, None], flow, 0.0)
     expect = _expected_from_residual(dataset, 0, scored, prep.mask0)
     got = _read(tmp_path / 'st' / LOG_ID / f'{TS0}.feather')

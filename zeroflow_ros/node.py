@@ -102,6 +102,9 @@ PARAMS: tuple[Param, ...] = (
     Param('odometry_wait_s', 0.05, 'how long to wait for odometry covering a cloud stamp', range=(0.0, 2.0)),
     Param('inference_threads', 0, 'CPU threads per inference session (0: half the cores; the network runs '
           'on two workers at once, its sweep part and its pair part)', range=(0, 256)),
+    Param('motion_evidence', True, 'zero the flow of objects whose motion sweep t+1 does not support better '
+          'than zero flow (false motion of static surfaces re-sampled by a moving lidar; about half the '
+          'network\'s CPU time)'),
     Param('max_sweep_gap_s', 0.35, 'a larger gap between sweeps (or a jump backwards) starts a new pair',
           range=(0.01, 10.0)),
     Param('max_points', 200000, 'clouds above this are clipped to an evenly strided subset and reported',

@@ -65,6 +65,11 @@ class PipelineConfig:
     # sweep part and pair part on two workers at once, so each gets half; on 2 cores one thread
     # per session also took ~16 % less CPU per call than two (no thread hand-offs), measured.
     inference_threads: int = 0
+    # Zero the flow of objects whose motion sweep t+1 does not support better than zero flow
+    # (core/static_residual.py): a moving lidar re-samples static surfaces, which a network reads as
+    # motion (measured on the bundled KITTI sweeps: false flags 14.7 % -> 1.2 % of points, every
+    # mover point kept; synthetic EPE unchanged). Costs about half the network's CPU time per pair.
+    motion_evidence: bool = True
     # The cloud frame in the vehicle base frame. The model gets both clouds in the base frame (the
     # frame it was trained in: ground at z ~ 0) and its flow is rotated back into the cloud frame.
     sensor_in_base_xyz: tuple[float, ...] = (0.0, 0.0, 0.0)
@@ -308,8 +313,9 @@ class Pipeline:
         self.counters = _Counters()
         # The hook for a post-network correction of the pair's residual flow (e.g. a static
         # residual clean-up): fn(flow (K0,3), valid (K0,), pc0 (K0,3), pc1 (K1,3), ego1_T_ego0)
-        # -> flow (K0,3), in the cloud frame of sweep t. None: no correction.
+        # (, dt_s=pair time step) -> flow (K0,3), in the cloud frame of sweep t. None: no correction.
         self.flow_correction: Callable[..., np.ndarray] | None = None
+        self.flow_correction = make_motion_evidence(config)
 
     # -- state -------------------------------------------------------------------------------
     def reset(self, reason: str = 'reset') -> None:
@@ -413,7 +419,9 @@ class Pipeline:
         t2 = time.perf_counter()
         if self.flow_correction is not None:
             residual = np.asarray(self.flow_correction(residual, valid_k, prev.points[prev.mask0], pc1,
-                                                       job.ego1_T_ego0), np.float32)
+                                                       job.ego1_T_ego0,
+                                                       dt_s=(cur.stamp_ns - prev.stamp_ns) * 1e-9),
+                                  np.float32)
         frame = self._scatter(job, residual, valid_k)
         t3 = time.perf_counter()
         self.counters.frames += 1
@@ -617,3 +625,16 @@ def make_preprocess_config(config: PipelineConfig) -> Any:
     x0, y0, z0, x1, y1, z1 = config.point_range_m
     return preprocess.PreprocessConfig(x_min=x0, x_max=x1, y_min=y0, y_max=y1, z_min=z0, z_max=z1,
                                        ground=config.ground_removal)
+
+
+def make_motion_evidence(config: PipelineConfig) -> Callable[..., np.ndarray] | None:
+    """Return the post-network motion-evidence check of ``config``, or None when it is off.
+
+    One home for the node and offline prediction; see
+    :func:`zeroflow_ros.core.static_residual.make_flow_correction`.
+    """
+    if not config.motion_evidence:
+        return None
+    from zeroflow_ros.core.static_residual import EvidenceConfig, make_flow_correction
+    return make_flow_correction(EvidenceConfig(min_speed_mps=config.dynamic_threshold_mps),
+                                base_T_sensor=config.base_T_sensor)

@@ -121,10 +121,17 @@ class StudentMethod(FlowMethod):
     name = 'student'
 
     def __init__(self, model: str, backend: str = 'auto', device: str = 'auto',
-                 preprocess: PreprocessConfig | None = None) -> None:
+                 preprocess: PreprocessConfig | None = None, motion_evidence: bool = True) -> None:
         super().__init__(preprocess)
         from zeroflow_ros.backends import create_backend
+        from zeroflow_ros.pipeline import PipelineConfig, make_motion_evidence
         self.backend = create_backend(model, backend, device)
+        # the node's post-network check, with its defaults (AV2 logs are in the base frame already)
+        self.evidence = make_motion_evidence(PipelineConfig(motion_evidence=motion_evidence))
+        self.dt = 0.1
+
+    def begin_pair(self, ts0: int, ts1: int) -> None:
+        self.dt = (int(ts1) - int(ts0)) * 1e-9
 
     def estimate(self, points0, prep):
         residual, valid = self.backend.infer(prep.pc0, prep.pc1)
@@ -133,6 +140,8 @@ class StudentMethod(FlowMethod):
         if residual.shape != (len(prep.pc0), 3) or valid.shape != (len(prep.pc0),):
             raise PredictError(f'backend {self.backend.name}: returned flow {residual.shape} / valid '
                                f'{valid.shape} for {len(prep.pc0)} points')
+        if self.evidence is not None and self.dt > 0:
+            residual = self.evidence(residual, valid, prep.pc0, prep.pc1, dt_s=self.dt)
         return MethodOutput(_scatter(len(points0), prep.mask0, residual, valid))
 
     def describe(self) -> str:
@@ -230,7 +239,7 @@ def resolve_default_model(model: str) -> str:
 
 def make_method(name: str, model: str | None = None, backend: str = 'auto', device: str = 'auto',
                 preprocess: PreprocessConfig | None = None,
-                nsfp_config: dict[str, Any] | None = None) -> FlowMethod:
+                nsfp_config: dict[str, Any] | None = None, motion_evidence: bool = True) -> FlowMethod:
     """Build a method by name; unknown names raise and list the valid ones."""
     if name == 'ego':
         return EgoMethod(preprocess)
@@ -239,7 +248,8 @@ def make_method(name: str, model: str | None = None, backend: str = 'auto', devi
     if name == 'nn':
         return NearestNeighbourMethod(preprocess)
     if name == 'student':
-        return StudentMethod(resolve_default_model(model or DEFAULT_MODEL), backend, device, preprocess)
+        return StudentMethod(resolve_default_model(model or DEFAULT_MODEL), backend, device, preprocess,
+                             motion_evidence)
     if name == 'nsfp':
         return NSFPMethod(device, preprocess, nsfp_config)
     if name == 'teacher':
@@ -427,6 +437,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--nsfp-faithful', action='store_true',
                         help='nsfp: the original optimisation (5000 iterations, all points)')
     parser.add_argument('--workers', type=int, default=1, help='processes (CPU methods scale, GPU: keep 1)')
+    parser.add_argument('--no-motion-evidence', action='store_true',
+                        help='student: publish the network flow without the node\'s motion-evidence check '
+                             '(motion_evidence, on by default as in the node)')
 
 
 def _nsfp_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -468,7 +481,7 @@ def run(args: argparse.Namespace) -> int:
     jobs, done = list_jobs(args.data_root, args.split, args.out, only)
     method_kwargs = dict(name=args.method, model=str(args.model), backend=args.backend, device=args.device,
                          preprocess=PreprocessConfig(ground=args.ground),
-                         nsfp_config=_nsfp_overrides(args))
+                         nsfp_config=_nsfp_overrides(args), motion_evidence=not args.no_motion_evidence)
     print(f'{args.method}: {len(jobs)} sweeps to predict, {done} already in {args.out}')
     run_jobs(jobs, method_kwargs, args.out, args.workers,
              progress=lambda it, total: tqdm(it, total=total, unit='sweep', desc=args.method))
