@@ -15,10 +15,10 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     'demo': ('zeroflow_ros.demo', 'bundled real lidar -> live node over DDS -> flow, latency, pictures'),
     'node': ('zeroflow_ros.node', 'run the ROS 2 node (ROS arguments pass through after --ros-args)'),
-    'data': ('zeroflow_ros.data.cli', 'datasets: synthetic sequences, import of real drives, bag conversion, inspection'),
+    'data': ('zeroflow_ros.data.cli', 'datasets: synthetic, import of drives, bag conversion, info'),
     'predict': ('zeroflow_ros.eval.predict', 'write per-sweep flow in the official AV2 layout'),
     'eval': ('zeroflow_ros.eval.evaluate', 'AV2 scene-flow metrics (threeway EPE, bucketed normalised EPE)'),
-    'label': ('zeroflow_training.label', 'pseudo-label pairs with a teacher (rigid by default, hybrid, nsfp; parallel, resumable)'),
+    'label': ('zeroflow_training.label', 'pseudo-label pairs (default: rigid teacher; parallel, resumable)'),
     'train': ('zeroflow_training.train', 'train the FastFlow3D student on pseudo-labels'),
     'export': ('zeroflow_training.export', 'export a checkpoint to ONNX / a TensorRT engine'),
     'replay': ('zeroflow_ros.replay', 'replay a rosbag2 through the node and record its outputs'),
