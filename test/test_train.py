@@ -164,9 +164,10 @@ def test_cli_full_run_validates_and_writes_a_loadable_model(data, tmp_path):
     # the epoch validation is the official evaluation: zeroflow predict + zeroflow eval agree
     import json
     pred = tmp_path / 'pred'
+    # validation scores the network itself: predict without the node's post-network check
     assert main(['predict', str(root), '--split', 'val', '--method', 'student', '--model',
                  str(run / 'model.pt'), '--backend', 'torch', '--device', 'cpu', '--out', str(pred),
-                 '--workers', '1']) == 0
+                 '--workers', '1', '--no-motion-evidence']) == 0
     assert main(['eval', str(pred), str(root), '--split', 'val', '--out', str(tmp_path / 'ev')]) == 0
     official = json.loads((tmp_path / 'ev' / 'metrics.json').read_text())['threeway']
     assert float(val[0]['epe_3way']) == pytest.approx(official['EPE 3-Way Average'], rel=1e-5)
