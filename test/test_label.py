@@ -252,3 +252,42 @@ def test_rigid_teacher_labels_are_the_teachers_output_and_cli_config(dataset, tm
     assert TeacherConfig.from_dict(hyb.to_dict()).nsfp.fit_points == 512
     with pytest.raises(SystemExit):
         parser.parse_args(['d', '--out', 'o', '--teacher', 'icp'])
+
+
+def test_label_takes_a_bag_directly_and_equals_labelling_its_import(tmp_path):
+    """`zeroflow label BAG` imports the bag once into OUT.data (as `zeroflow data import`) and labels
+    that root: the same label files as labelling the imported root by hand; a rerun re-imports nothing."""
+    import itertools
+
+    import pandas as pd
+
+    from zeroflow_ros.cli import main
+    from zeroflow_ros.data import bag as zbag
+    from zeroflow_ros.data.av2 import list_logs
+    kitti = Path(__file__).resolve().parents[1] / 'data' / 'samples' / 'kitti_raw_sfnd_seq'
+    bag_dir, _ = zbag.write_bag(tmp_path / 'k.mcap', itertools.islice(
+        zbag.records_from_sweeps(kitti, start_ns=10**9), 2))
+    out = tmp_path / 'labels'
+    common = ['--workers', '1', '--no-progress', '--sensor-xyz', '0', '0', '1.73']
+    assert main(['label', str(bag_dir), '--out', str(out)] + common) == 0
+    root = tmp_path / 'labels.data'
+    logs = list_logs(root, 'train')
+    assert len(logs) == 1
+    stamp = (logs[0].log_dir / 'import.json').stat().st_mtime_ns
+    files = sorted(out.rglob('*.feather'))
+    assert len(files) == 1                               # one pair from two sweeps
+    ref_out = tmp_path / 'by_hand'
+    assert main(['label', str(root), '--out', str(ref_out), '--workers', '1', '--no-progress']) == 0
+    ref = sorted(ref_out.rglob('*.feather'))
+    assert [f.relative_to(ref_out) for f in ref] == [f.relative_to(out) for f in files]
+    pd.testing.assert_frame_equal(pd.read_feather(files[0]), pd.read_feather(ref[0]))
+    assert main(['label', str(bag_dir), '--out', str(out)] + common) == 0
+    assert (logs[0].log_dir / 'import.json').stat().st_mtime_ns == stamp
+
+
+def test_label_rejects_an_unknown_file_with_one_clear_error(tmp_path):
+    from zeroflow_training.label import LabelError, imported_root
+    bad = tmp_path / 'x.txt'
+    bad.write_text('not a bag')
+    with pytest.raises(LabelError, match='unknown file type'):
+        imported_root(bad, tmp_path / 'out', 'train')

@@ -528,7 +528,13 @@ def _recover_manifest(out: Path, manifest: Manifest) -> None:
 # CLI
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('data_root', type=Path, help='dataset root holding <split>/<log_id>/... (AV2 layout)')
+    parser.add_argument('data_root', type=Path,
+                        help='dataset root holding <split>/<log_id>/... (AV2 layout), or a rosbag2 / Ouster '
+                             'pcap: imported first (as `zeroflow data import`) into OUT.data/')
+    parser.add_argument('--sensor-xyz', type=float, nargs=3, default=(0.0, 0.0, 0.0), metavar=('X', 'Y', 'Z'),
+                        help='with a bag or pcap: the lidar in the base frame, m (as `zeroflow data import`)')
+    parser.add_argument('--sensor-rpy', type=float, nargs=3, default=(0.0, 0.0, 0.0), metavar=('R', 'P', 'Y'),
+                        help='with a bag or pcap: the lidar roll, pitch, yaw in the base frame, rad')
     parser.add_argument('--split', default='train', help='split folder under DATA_ROOT (default train)')
     parser.add_argument('--out', required=True, type=Path,
                         help='LABELS folder: <log_id>/<ts>.feather + manifest.jsonl')
@@ -580,6 +586,36 @@ def config_from_args(args: argparse.Namespace):
     return TeacherConfig(name, rigid=RigidConfig(seed=args.seed), nsfp=nsfp, hybrid=base.hybrid)
 
 
+def imported_root(source: Path, out: Path, split: str, sensor_xyz=(0.0, 0.0, 0.0),
+                  sensor_rpy=(0.0, 0.0, 0.0)) -> Path:
+    """Return the AV2 root to label: ``source`` itself, or a bag/pcap imported into ``OUT.data/``.
+
+    A recording is imported once (``zeroflow_ros.data.importer``, the code of ``zeroflow data
+    import``: poses from the bag's odometry or KISS-ICP, de-skewed); a rerun finds the imported log
+    and labels on (resumable as always). Train with ``--data OUT.data``.
+    """
+    source = Path(source)
+    if not (source.is_file() or (source / 'metadata.yaml').is_file()):
+        return source                     # an AV2-layout root (checked by list_tasks)
+    from zeroflow_ros.data.av2 import DataError
+    from zeroflow_ros.data.importer import detect_kind, import_source
+    try:
+        kind = detect_kind(source)
+    except DataError as exc:
+        raise LabelError(str(exc)) from None
+    root = Path(str(out).rstrip('/') + '.data')
+    split_dir = root / split
+    if kind in ('bag', 'pcap') and not (split_dir.is_dir() and any(split_dir.iterdir())):
+        try:
+            res = import_source(source, root, split=split, sensor_xyz=tuple(sensor_xyz),
+                                sensor_rpy=tuple(sensor_rpy))
+        except DataError as exc:
+            raise LabelError(f'{source}: import failed: {exc}') from None
+        log.info('imported %s into %s (%s)', source, root, res)
+    print(f'labelling the {kind} {source} as the AV2-layout root {root} (train with --data {root})')
+    return root
+
+
 def run(args: argparse.Namespace) -> int:
     from zeroflow_ros.core.preprocess import PreprocessConfig
     device = args.device
@@ -604,8 +640,9 @@ def run(args: argparse.Namespace) -> int:
         def _bar(total: int):
             return tqdm(total=total, unit='pair', desc='label', smoothing=0.1)
         progress = _bar
+    data_root = imported_root(args.data_root, args.out, args.split, args.sensor_xyz, args.sensor_rpy)
     t0 = time.perf_counter()
-    counts = run_label(args.data_root, args.split, args.out, cfg, prep, device, workers, batch_pairs,
+    counts = run_label(data_root, args.split, args.out, cfg, prep, device, workers, batch_pairs,
                        args.limit, args.ray, args.threads, args.gpus_per_task, progress)
     dt = time.perf_counter() - t0
     n = counts['ok'] + counts['failed']
