@@ -6,9 +6,9 @@ with the official metrics (`zeroflow predict` + `zeroflow eval` code paths), so 
 sits beside its latency. int8 variants are static quantisations calibrated on synthetic pairs
 of a separate split (never the validation logs).
 
-    zeroflow data synth /work/data/h5 --sequences 0 --split-val 2 --sweeps 6
-    zeroflow data synth /work/data/h5cal --sequences 2 --sweeps 4 --seed 500
-    python bench/bench_quant.py --data /work/data/h5 --calib /work/data/h5cal --json out.json
+    zeroflow data synth VAL --sequences 0 --split-val 2 --sweeps 6
+    zeroflow data synth CAL --sequences 2 --sweeps 4 --seed 500
+    python bench/bench_quant.py --data VAL --calib CAL --json out.json
 
 A variant is adopted only when no metric of the README results table (EPE 3-way, FG dynamic,
 FG static, BG static, dynamic IoU) is worse than fp32 by more than ``--max-epe-change`` (2 %).
@@ -58,24 +58,29 @@ VARIANTS: dict[str, tuple[str, dict[str, Any] | None]] = {
 REFERENCE = 'fp32_opt_all'
 
 
-def calibration_feeds(calib_root: Path, split: str, grid: Any, limit: int) -> list[dict[str, np.ndarray]]:
-    """Network inputs of up to ``limit`` synthetic pairs, prepared exactly as `zeroflow predict` does."""
+def prepared_pairs(root: Path, split: str):
+    """Yield every consecutive pair of ``root/split`` prepared exactly as `zeroflow predict` does."""
     from zeroflow_ros.core.preprocess import PreprocessConfig, prepare_pair
-    from zeroflow_ros.core.voxelize import pillarize
     from zeroflow_ros.data.av2 import list_logs
-
-    feeds = []
-    for lg in list_logs(calib_root, split):
+    for lg in list_logs(root, split):
         ts = lg.timestamps
         for t0, t1 in zip(ts[:-1], ts[1:]):
             pair = lg.pair(int(t0), int(t1), with_gt=False)
-            prep = prepare_pair(pair.points0, pair.points1, pair.ego1_T_ego0, PreprocessConfig(),
-                                is_ground0=pair.is_ground0, is_ground1=pair.is_ground1)
-            _, pc0, idx0 = pillarize(prep.pc0, grid)
-            _, pc1, idx1 = pillarize(prep.pc1, grid)
-            feeds.append({'pc0': pc0, 'idx0': idx0, 'pc1': pc1, 'idx1': idx1})
-            if len(feeds) >= limit:
-                return feeds
+            yield prepare_pair(pair.points0, pair.points1, pair.ego1_T_ego0, PreprocessConfig(),
+                               is_ground0=pair.is_ground0, is_ground1=pair.is_ground1)
+
+
+def calibration_feeds(calib_root: Path, split: str, grid: Any, limit: int) -> list[dict[str, np.ndarray]]:
+    """Network inputs of up to ``limit`` synthetic pairs, prepared exactly as `zeroflow predict` does."""
+    from zeroflow_ros.core.voxelize import pillarize
+
+    feeds = []
+    for prep in prepared_pairs(calib_root, split):
+        _, pc0, idx0 = pillarize(prep.pc0, grid)
+        _, pc1, idx1 = pillarize(prep.pc1, grid)
+        feeds.append({'pc0': pc0, 'idx0': idx0, 'pc1': pc1, 'idx1': idx1})
+        if len(feeds) >= limit:
+            return feeds
     if not feeds:
         raise SystemExit(f'bench_quant: no pairs under {calib_root / split} to calibrate on')
     return feeds
@@ -183,18 +188,11 @@ def format_table(res: dict[str, Any], points: list[int], max_change: float) -> s
 
 def max_flow_diff(backends: dict[str, Any], data: Path, split: str) -> dict[str, float]:
     """Largest |flow - reference flow| (m) over the val pairs: what quantisation moves."""
-    from zeroflow_ros.core.preprocess import PreprocessConfig, prepare_pair
-    from zeroflow_ros.data.av2 import list_logs
     worst = {k: 0.0 for k in backends}
-    for lg in list_logs(data, split):
-        ts = lg.timestamps
-        for t0, t1 in zip(ts[:-1], ts[1:]):
-            pair = lg.pair(int(t0), int(t1), with_gt=False)
-            prep = prepare_pair(pair.points0, pair.points1, pair.ego1_T_ego0, PreprocessConfig(),
-                                is_ground0=pair.is_ground0, is_ground1=pair.is_ground1)
-            ref, _ = backends[REFERENCE].infer(prep.pc0, prep.pc1)
-            for k, b in backends.items():
-                worst[k] = max(worst[k], float(np.abs(b.infer(prep.pc0, prep.pc1)[0] - ref).max()))
+    for prep in prepared_pairs(data, split):
+        ref, _ = backends[REFERENCE].infer(prep.pc0, prep.pc1)
+        for k, b in backends.items():
+            worst[k] = max(worst[k], float(np.abs(b.infer(prep.pc0, prep.pc1)[0] - ref).max()))
     return worst
 
 

@@ -19,7 +19,7 @@ Two measurements in one run, one row per method:
 Single-threaded (BLAS/OpenMP/torch pinned to one thread before import), so CPU-seconds are
 one-core seconds; wall time on a shared machine overstates them.
 
-    python bench/bench_teacher.py /work/data/v6 --split val --every 2 --json bench/results/teacher.json
+    python bench/bench_teacher.py DATA --split val --every 2 --json bench/results/teacher.json
     python bench/bench_teacher.py DATA --methods rigid ego --sizes 30000   # quick
 """
 from __future__ import annotations

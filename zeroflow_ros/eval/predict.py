@@ -73,8 +73,12 @@ class FlowMethod:
     def estimate(self, points0: np.ndarray, prep: PreparedPair) -> MethodOutput:
         raise NotImplementedError
 
+    #: the time step (s) of the pair the next :meth:`estimate` sees (None before the first pair)
+    dt: float | None = None
+
     def begin_pair(self, ts0: int, ts1: int) -> None:
         """Hear the sweep times of the next :meth:`estimate` (methods with speed limits use the interval)."""
+        self.dt = (int(ts1) - int(ts0)) * 1e-9
 
     def describe(self) -> str:
         return self.name
@@ -128,10 +132,6 @@ class StudentMethod(FlowMethod):
         self.backend = create_backend(model, backend, device)
         # the node's post-network check, with its defaults (AV2 logs are in the base frame already)
         self.evidence = make_motion_evidence(PipelineConfig(motion_evidence=motion_evidence))
-        self.dt = 0.1
-
-    def begin_pair(self, ts0: int, ts1: int) -> None:
-        self.dt = (int(ts1) - int(ts0)) * 1e-9
 
     def estimate(self, points0, prep):
         residual, valid = self.backend.infer(prep.pc0, prep.pc1)
@@ -140,8 +140,10 @@ class StudentMethod(FlowMethod):
         if residual.shape != (len(prep.pc0), 3) or valid.shape != (len(prep.pc0),):
             raise PredictError(f'backend {self.backend.name}: returned flow {residual.shape} / valid '
                                f'{valid.shape} for {len(prep.pc0)} points')
-        if self.evidence is not None and self.dt > 0:
-            residual = self.evidence(residual, valid, prep.pc0, prep.pc1, dt_s=self.dt)
+        if self.evidence is not None:
+            # the pair's own time step; the nominal 10 Hz if a caller never announced the pair
+            dt = self.dt if self.dt and self.dt > 0 else 0.1
+            residual = self.evidence(residual, valid, prep.pc0, prep.pc1, dt_s=dt)
         return MethodOutput(_scatter(len(points0), prep.mask0, residual, valid))
 
     def describe(self) -> str:
@@ -192,10 +194,6 @@ class TeacherMethod(FlowMethod):
         self._run = run_teacher
         self.config = config or TeacherConfig()  # the CLI always uses the default
         self.device = _resolve_device(device) if self.config.name != 'rigid' else 'cpu'
-        self.dt: float | None = None
-
-    def begin_pair(self, ts0: int, ts1: int) -> None:
-        self.dt = (int(ts1) - int(ts0)) * 1e-9
 
     def estimate(self, points0, prep):
         n0, n1 = len(prep.pc0), len(prep.pc1)
