@@ -461,16 +461,19 @@ def test_motion_evidence_is_on_by_default_and_equals_the_core_check(backend):
     frames = {}
     for on in (True, False):
         cfg = PipelineConfig(ego_motion='none', ground_removal='geometric', motion_evidence=on,
-                             sensor_in_base_xyz=(0, 0, 1.73))
+                             sensor_in_base_xyz=(0, 0, 1.73), sensor_in_base_rpy=(0.0, 0.3, 0.4))
         pipe = Pipeline(cfg, backend=backend)
         pipe.step(p0, 0)
         frames[on] = pipe.step(p1, 200_000_000)
     raw, got = frames[False], frames[True]
-    cfg = PipelineConfig(ground_removal='geometric', sensor_in_base_xyz=(0, 0, 1.73))
+    cfg = PipelineConfig(ground_removal='geometric', sensor_in_base_xyz=(0, 0, 1.73),
+                         sensor_in_base_rpy=(0.0, 0.3, 0.4))
     prep = preprocess.prepare_pair(p0, p1, np.eye(4), make_preprocess_config(cfg))
-    lift = np.array([0, 0, 1.73])
-    ok = supported_motion(prep.pc0 + lift, raw.flow[prep.mask0], raw.valid[prep.mask0], prep.pc1 + lift, 0.2,
-                          EvidenceConfig(min_speed_mps=cfg.dynamic_threshold_mps))
+    # the check runs in the base frame (its object fit keeps z fixed there): an independent rotation
+    R = Rotation.from_euler('xyz', [0.0, 0.3, 0.4]).as_matrix()
+    t = np.array([0, 0, 1.73])
+    ok = supported_motion(prep.pc0 @ R.T + t, raw.flow[prep.mask0] @ R.T, raw.valid[prep.mask0],
+                          prep.pc1 @ R.T + t, 0.2, EvidenceConfig(min_speed_mps=cfg.dynamic_threshold_mps))
     assert (~ok).sum() > 0 and ok.sum() > 0  # the tiny model's flow: some points dropped, some kept
     want = np.where(ok[:, None], raw.flow[prep.mask0], 0.0)
     np.testing.assert_allclose(got.flow[prep.mask0], want, atol=1e-6)
